@@ -1,0 +1,190 @@
+"""Load a CLIP-style model from open_clip's zoo, a local file or the bundled tiny models.
+
+One loader for every source means the demo exercises the same path as real CLIP weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torchvision import transforms as T
+
+from ueo.errors import UeoError
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = "none"
+BUNDLED_WEIGHTS = "bundled"
+
+
+@dataclass
+class LoadedClip:
+    """A frozen open_clip model with what is needed to feed it images and text."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    model_name: str
+    pretrained: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def test_transform(self) -> T.Compose:
+        """Resize + centre crop (SPEC.md): used for MCM weights, evaluation and prediction."""
+        return T.Compose(
+            [
+                T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(self.image_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def train_transform(self) -> T.Compose:
+        """RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip, as the reference recipe."""
+        return T.Compose(
+            [
+                T.RandomResizedCrop(
+                    self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC
+                ),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+
+def canonical_model_name(name: str) -> str:
+    """Accept OpenAI spellings (`ViT-B/16`) for open_clip names (`ViT-B-16`)."""
+    _register_bundled()
+    known = open_clip.list_models()
+    candidates = [name, name.replace("/", "-")]
+    for candidate in candidates:
+        if candidate in known:
+            return candidate
+    lowered = {m.lower(): m for m in known}
+    for candidate in candidates:
+        if candidate.lower() in lowered:
+            return lowered[candidate.lower()]
+    close = [m for m in known if name.replace("/", "-").split("-")[0].lower() in m.lower()][:12]
+    hint = f" Similar: {', '.join(close)}." if close else ""
+    raise UeoError(f"Unknown model '{name}'.{hint} `ueo models` lists every architecture.")
+
+
+def _register_bundled() -> None:
+    from ueo import zoo
+
+    zoo.register_tiny_models()
+
+
+def load_clip(
+    model: str, pretrained: str = "openai", device: str | torch.device = "cpu"
+) -> LoadedClip:
+    """Create the model named `model` with weights `pretrained`, frozen and in eval mode.
+
+    `pretrained` is an open_clip tag (`openai`, `laion2b_s34b_b79k`, ...), a local checkpoint
+    file, `bundled` for ueo's tiny models, or `none` for random weights (tests only).
+    """
+    name = canonical_model_name(model)
+    if pretrained == BUNDLED_WEIGHTS:
+        from ueo import zoo
+
+        net = zoo.load_bundled(name)
+    elif pretrained.lower() == RANDOM_WEIGHTS:
+        warnings.warn(
+            f"Model {name} has RANDOM weights (--pretrained none): results are meaningless "
+            "except for testing.",
+            stacklevel=2,
+        )
+        log.warning("Using RANDOM weights for %s (--pretrained none)", name)
+        net = open_clip.create_model(name, pretrained=None)
+    elif os.path.isfile(pretrained):
+        net = _create_from_file(name, pretrained)
+    else:
+        net = _create_from_tag(name, pretrained)
+    return _wrap(net, name, pretrained, device)
+
+
+def _create_from_file(name: str, path: str) -> torch.nn.Module:
+    try:
+        return open_clip.create_model(name, pretrained=path)
+    except Exception as exc:  # open_clip raises many types for a bad file
+        raise UeoError(
+            f"Could not load checkpoint file {path} into model {name}: {exc}. The file must be "
+            "an open_clip state dict (.safetensors, or .pt/.bin loadable with weights_only=True) "
+            "for this architecture."
+        ) from exc
+
+
+def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        available = ", ".join(tags) if tags else "none published"
+        raise UeoError(
+            f"Unknown pretrained tag '{tag}' for model {name} (and no such file). "
+            f"Tags for {name}: {available}. Or pass a local checkpoint file, `bundled` "
+            f"or `none`."
+        )
+    openclip_log = logging.getLogger("open_clip")
+    level = openclip_log.level
+    openclip_log.setLevel(logging.CRITICAL)
+    try:
+        return open_clip.create_model(name, pretrained=tag)
+    except Exception as exc:  # download failures surface as RuntimeError, OSError, HTTP errors
+        raise UeoError(
+            f"Could not obtain weights for model {name}, tag '{tag}': {_first_line(exc)}. "
+            "They are downloaded from the Hugging Face hub on first use and cached under "
+            "~/.cache/huggingface. Offline, download them on a connected machine and pass the "
+            f"file instead: --pretrained /path/to/{name}-{tag}.safetensors (or copy the hub "
+            "cache folder)."
+        ) from exc
+    finally:
+        openclip_log.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _wrap(net: torch.nn.Module, name: str, pretrained: str, device) -> LoadedClip:
+    net = net.to(device).float().eval()
+    net.requires_grad_(False)
+    cfg = open_clip.get_model_preprocess_cfg(net)
+    size = cfg.get("size", getattr(net.visual, "image_size", 224))
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    return LoadedClip(
+        model=net,
+        tokenizer=open_clip.get_tokenizer(name),
+        model_name=name,
+        pretrained=str(Path(pretrained).resolve()) if os.path.isfile(pretrained) else pretrained,
+        image_size=int(size),
+        mean=tuple(cfg.get("mean", OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", OPENAI_DATASET_STD)),
+    )
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Set BatchNorm running statistics to those of `images` (a random-weights helper).
+
+    A freshly initialised ResNet's statistics do not match its activations, so it maps every
+    image to nearly the same features; tests and benchmarks calibrate it first.
+    """
+    norms = [m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    model.visual(images)
+    for m in norms:
+        m.momentum = 0.1
+        m.eval()

@@ -1,0 +1,69 @@
+"""Forward passes over image sets: cosine similarities, evaluation and prediction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ueo.data import BadImages, ImageSet, make_loader
+from ueo.metrics import compute_metrics
+from ueo.model import UeoModel
+from ueo.objectives import mcm_score
+from ueo.runtime import autocast
+
+
+@dataclass
+class Outputs:
+    """Per-image results of one pass; rows of unreadable images are NaN and `valid` False."""
+
+    cos: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.cos.argmax(axis=1)
+
+    @property
+    def score(self) -> np.ndarray:
+        return mcm_score(torch.from_numpy(self.cos)).numpy()
+
+
+@torch.no_grad()
+def infer(
+    model: UeoModel,
+    images: ImageSet,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+    precision: str = "fp32",
+    bad: BadImages | None = None,
+    desc: str = "infer",
+    progress: bool = True,
+) -> Outputs:
+    """Cosine similarities of every image to every known class, with the test transform."""
+    bad = bad if bad is not None else BadImages()
+    text = model.text_features()
+    cos = np.full((len(images), model.prompt.num_classes), np.nan, dtype=np.float32)
+    valid = np.zeros(len(images), dtype=bool)
+    loader = make_loader(images, model.clip.test_transform(), batch_size, False, workers, device)
+    for x, idx, errors in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        for i, msg in errors:
+            bad.report(i, msg)
+        if x is None:
+            continue
+        with autocast(device, precision):
+            out = model(x.to(device, non_blocking=True), text)
+        cos[idx.numpy()] = out.float().cpu().numpy()
+        valid[idx.numpy()] = True
+    return Outputs(cos, valid)
+
+
+def metrics_of(outputs: Outputs, images: ImageSet) -> dict | None:
+    """SPEC.md metrics of a labelled set; None when the set carries no labels."""
+    if not images.labelled:
+        return None
+    v = outputs.valid
+    return compute_metrics(outputs.pred[v], outputs.score[v], images.labels[v])

@@ -1,0 +1,122 @@
+"""Tiny real open_clip models and generated images for fast, real tests."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_CONFIGS = {
+    "test-tiny-rn": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+        "text_cfg": {
+            "context_length": 24,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 2,
+        },
+    },
+    "test-tiny-vit": {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 24,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 2,
+        },
+    },
+}
+
+CLASSES = ["red square", "green_circle", "blue stripes", "yellow cross"]
+UNKNOWN = ["black noise"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_models(tmp_path_factory):
+    """Register the test-only tiny architectures with open_clip."""
+    folder = tmp_path_factory.mktemp("configs")
+    for name, cfg in TINY_CONFIGS.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return list(TINY_CONFIGS)
+
+
+def draw(kind: str, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """A small image whose content depends on the class, with random jitter."""
+    img = np.full((size, size, 3), 128, np.uint8) + rng.integers(
+        0, 30, (size, size, 3), dtype=np.uint8
+    )
+    lo, hi = sorted(rng.integers(4, size - 4, 2)) if size > 10 else (2, size - 2)
+    hi = max(hi, lo + 6)
+    if kind == "red square":
+        img[lo:hi, lo:hi] = (220, 30, 30)
+    elif kind == "green_circle":
+        yy, xx = np.mgrid[:size, :size]
+        img[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (hi - lo) ** 2 / 2] = (30, 200, 40)
+    elif kind == "blue stripes":
+        img[:, ::4] = (20, 40, 220)
+    elif kind == "yellow cross":
+        img[size // 2 - 2 : size // 2 + 2, :] = (230, 220, 20)
+        img[:, size // 2 - 2 : size // 2 + 2] = (230, 220, 20)
+    else:
+        img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(img)
+
+
+def make_folder(root, per_class: int = 6, seed: int = 0, classes=None) -> None:
+    rng = np.random.default_rng(seed)
+    for name in classes or CLASSES + UNKNOWN:
+        d = root / name.replace(" ", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw(name, rng).save(d / f"{i:03d}.png")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """root/<class>/<img>.png with 4 known classes and 1 unknown class."""
+    root = tmp_path / "images"
+    make_folder(root)
+    return root
+
+
+@pytest.fixture
+def classes_file(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("\n".join(CLASSES) + "\n")
+    return path
+
+
+def calibration_batch(n: int = 32, seed: int = 1) -> torch.Tensor:
+    """Normalised images that look like the generated data, for BatchNorm calibration."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision import transforms as T
+
+    rng = np.random.default_rng(seed)
+    tf = T.Compose(
+        [
+            T.Resize(32),
+            T.CenterCrop(32),
+            T.ToTensor(),
+            T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+        ]
+    )
+    names = CLASSES + UNKNOWN
+    return torch.stack([tf(draw(names[i % len(names)], rng)) for i in range(n)])
