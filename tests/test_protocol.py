@@ -167,16 +167,5 @@ def test_custom_split_errors(classes: int, known: int, scenario: str, message: s
 
 
 def test_protocol_json() -> None:
-    text = protocol_json("Office-31", "opda")
-    data = json.loads(text)
-    assert data == {
-        "dataset": "office31",
-        "scenario": "OPDA",
-        "domains": ["amazon", "dslr", "webcam"],
-        "num_classes": 31,
-        "known": r(0, 24),
-        "unlabeled": r(0, 14) + r(25, 27),
-        "test": r(0, 30),
-        "class_names": class_names("office31"),
-    }
-    assert len(text.splitlines()) == len(data) + 2  # one key per line
+    data = json.loads(protocol_json("Office-31", "opda"))
+    assert data == {"known": r(0, 24), "unlabeled": r(0, 14) + r(25, 27), "test": r(0, 30)}

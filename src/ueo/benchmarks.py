@@ -184,16 +184,5 @@ def custom_scenario_split(num_classes: int, known: int, scenario: str) -> dict[s
 
 
 def protocol_json(dataset: str, scenario: str) -> str:
-    """The JSON that ``ueo protocol`` prints: one key per line, each list on one line."""
-    info = dataset_info(dataset)
-    name = _scenario(scenario)
-    fields = {
-        "dataset": info.name,
-        "scenario": name,
-        "domains": list(info.domains),
-        "num_classes": info.num_classes,
-        **scenario_split(info.name, name),
-        "class_names": class_names(info.name),
-    }
-    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in fields.items())
-    return "{\n" + body + "\n}"
+    """What ``ueo protocol --json`` prints: exactly the scenario's three class-index sets."""
+    return json.dumps(scenario_split(dataset, scenario))

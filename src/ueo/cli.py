@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import sys
 from pathlib import Path
@@ -134,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", action="store_true", help="also list pretrained tags")
 
     _add_protocol_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 
@@ -150,6 +150,46 @@ def _add_protocol_commands(sub) -> None:
     p.add_argument("dataset", help=", ".join(DATASETS))
     p.add_argument("--scenario", required=True, type=str.upper, choices=SCENARIOS)
     p.add_argument("--json", action="store_true", help="print JSON (default: readable text)")
+
+
+def _add_bench_command(sub) -> None:
+    from ueo.adapt import AdaptConfig
+
+    d = AdaptConfig()
+    p = sub.add_parser("bench", help="run a benchmark grid: domains x scenarios x methods x seeds")
+    src = p.add_argument_group("data (a paper benchmark, or a labelled folder of your own)")
+    src.add_argument("--dataset", default=None, help="office31, officehome, visda-c, domainnet")
+    src.add_argument("--root", default=None, help="dataset folder as downloaded")
+    src.add_argument("--lists", default=None, help="list files of `ueo prepare` (default: made)")
+    src.add_argument("--data", default=None, help="labelled folder root/<class>/<img>")
+    src.add_argument("--classes", default=None, help="all class names of --data, label order")
+    src.add_argument("--known", type=int, default=None, help="the first N classes are known")
+    src.add_argument("--known-classes", default=None, help="comma list of the known classes")
+    p.add_argument("--domains", default=None, help="comma list (default: all with data)")
+    p.add_argument("--scenarios", default="CDA,PDA,ODA,OPDA", help="default CDA,PDA,ODA,OPDA")
+    p.add_argument(
+        "--methods",
+        default="zeroshot,entmin,infomax,ueo",
+        help="default zeroshot,entmin,infomax,ueo",
+    )
+    p.add_argument("--seeds", default=str(d.seed), help=f"comma list (default {d.seed})")
+    p.add_argument("--model", default="RN50", help="default RN50")
+    p.add_argument("--pretrained", default="openai", help="default openai")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: 5 for DomainNet, 50 otherwise (the reference recipes)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr-prompt", type=float, default=d.lr_prompt)
+    p.add_argument("--lr-norm", type=float, default=d.lr_norm)
+    p.add_argument("--trade", type=float, default=d.trade)
+    p.add_argument("--augment", default="default", choices=["default", "none"])
+    p.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from K (one per GPU)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and what exists")
+    _add_runtime_args(p)
 
 
 def _setup_logging(quiet: bool) -> io.StringIO:
@@ -333,12 +373,12 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_protocol(args) -> int:
-    from ueo.benchmarks import scenario_split
+    from ueo.benchmarks import protocol_json, scenario_split
 
-    split = scenario_split(args.dataset, args.scenario)
     if args.json:
-        print(json.dumps(split))
+        print(protocol_json(args.dataset, args.scenario))
     else:
+        split = scenario_split(args.dataset, args.scenario)
         for key, values in split.items():
             print(f"{key:>9}: {_ranges(values)}  ({len(values)} classes)")
     return 0
@@ -356,7 +396,95 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
+def cmd_bench(args) -> int:
+    from ueo.adapt import AdaptConfig
+    from ueo.data import parse_classes
+    from ueo.sweep import SweepOptions, bench, benchmark_suite, folder_suite, status
+
+    _setup_logging(args.quiet)
+    out = Path(args.out)
+    if bool(args.dataset) == bool(args.data):
+        raise UeoError("Give either --dataset (with --root) or --data (with --classes, --known).")
+    if args.dataset:
+        if not args.root:
+            raise UeoError("--dataset needs --root, the dataset folder.")
+        from ueo.benchmarks import dataset_info
+        from ueo.prepare import prepare_lists
+
+        info = dataset_info(args.dataset)
+        lists = args.lists
+        if lists is None:
+            lists = out / "lists"
+            prepare_lists(info.name, args.root, lists, _split(args.domains))
+        suite = benchmark_suite(info.name, lists, args.root)
+        epochs = args.epochs if args.epochs is not None else (5 if info.name == "domainnet" else 50)
+    else:
+        if not args.classes:
+            raise UeoError("--data needs --classes (all class names, label order).")
+        known_classes = _split(args.known_classes)
+        suite = folder_suite(args.data, parse_classes(args.classes), args.known, known_classes)
+        epochs = args.epochs if args.epochs is not None else AdaptConfig().epochs
+    try:
+        k, n = (int(v) for v in args.shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise UeoError(f"--shard must be K/N with 0 <= K < N, not {args.shard!r}.") from None
+    try:
+        seeds = [int(s) for s in _split(args.seeds)]
+    except ValueError:
+        raise UeoError(f"--seeds must be integers, not {args.seeds!r}.") from None
+    config = AdaptConfig(
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr_prompt=args.lr_prompt,
+        lr_norm=args.lr_norm,
+        trade=args.trade,
+        device=args.device,
+        workers=args.workers,
+        precision=args.precision,
+        augment=args.augment,
+        on_bad_image=args.on_bad_image,
+        eval_batch_size=args.eval_batch_size,
+    )
+    config.validate()
+    options = SweepOptions(
+        scenarios=[s.upper() for s in _split(args.scenarios)],
+        methods=_split(args.methods),
+        seeds=seeds,
+        model=args.model,
+        pretrained=args.pretrained,
+        config=config,
+        domains=_domains(suite.name, args.domains) if args.domains else None,
+        shard=(k, n),
+        progress=not args.quiet,
+    )
+    if args.dry_run:
+        cells = status(suite, options, out)
+        for cell, done in cells:
+            print(f"{'done' if done else 'todo'}  {cell.path(out)}")
+        print(f"{sum(d for _, d in cells)}/{len(cells)} cells complete")
+        return 0
+    report = bench(suite, options, out)
+    print((out / "results.md").read_text())
+    for name, path in report["files"].items():
+        log.info("wrote %s: %s", name, path)
+    return 0
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _domains(suite: str, text: str) -> list[str]:
+    """Canonical benchmark domain names; custom suites keep the names as given."""
+    from ueo.benchmarks import DATASETS, domain_name
+
+    names = _split(text)
+    return [domain_name(suite, d) for d in names] if suite in DATASETS else names
+
+
 COMMANDS = {
+    "bench": cmd_bench,
     "adapt": cmd_adapt,
     "eval": cmd_eval,
     "predict": cmd_predict,

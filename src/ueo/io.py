@@ -16,13 +16,20 @@ from ueo.errors import UeoError
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def atomic_path(path: str | os.PathLike):
-    """A temporary sibling of `path`; rename it over `path` once fully written."""
+def atomic_path(path: str | os.PathLike) -> Path:
+    """A temporary sibling of `path` (usual file mode); rename it over `path` once written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -14,6 +14,16 @@ NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm)
 CTX_NAME = "prompt.ctx"
 
 
+def norm_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
+    """Norm affines of `net.visual`, found by module type, under the model's own names."""
+    params = {}
+    for name, module in net.visual.named_modules():
+        if isinstance(module, NORM_TYPES):
+            for pname, p in module.named_parameters(recurse=False):
+                params[f"visual.{name}.{pname}" if name else f"visual.{pname}"] = p
+    return params
+
+
 class UeoModel(nn.Module):
     """What UEO tunes: the shared prompt context and the image tower's norm affines.
 
@@ -45,12 +55,7 @@ class UeoModel(nn.Module):
 
     def norm_parameters(self) -> dict[str, nn.Parameter]:
         """Affine weights and biases of every BatchNorm2d / LayerNorm of the image tower."""
-        params = {}
-        for name, module in self.net.visual.named_modules():
-            if isinstance(module, NORM_TYPES):
-                for pname, p in module.named_parameters(recurse=False):
-                    params[f"visual.{name}.{pname}" if name else f"visual.{pname}"] = p
-        return params
+        return norm_parameters(self.net)
 
     def set_tuned(self, prompt: bool, norm: bool) -> None:
         """Freeze everything, then unfreeze the groups being tuned."""

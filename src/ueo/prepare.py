@@ -21,15 +21,13 @@ are matched to the class list case-insensitively.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from ueo.benchmarks import DatasetInfo, class_names, dataset_info, domain_name
+from ueo.data import IMAGE_EXTENSIONS
 from ueo.errors import UeoError
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+from ueo.io import write_text
 
 # Folder names a domain goes by in the different releases of a dataset.
 _FOLDER_NAMES = {"RealWorld": ("RealWorld", "Real_World", "Real World")}
@@ -106,20 +104,6 @@ def _split_lines(root: Path, split_file: Path, labels: dict[str, int]) -> list[s
     return [f"{rel} {label}" for rel, label in sorted(lines)]
 
 
-def _write_atomic(path: Path, lines: list[str]) -> Path:
-    """Replace ``path`` in one step, so an interrupted run never leaves half a list."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(f"{line}\n" for line in lines)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
 def prepare_lists(
     dataset: str, root: str | Path, out: str | Path, domains: Iterable[str] | None = None
 ) -> dict[str, Path]:
@@ -155,4 +139,7 @@ def prepare_lists(
         else:
             lists[d] = _folder_lines(root, classes)
     out.mkdir(parents=True, exist_ok=True)
-    return {name: _write_atomic(out / f"{name}.txt", lines) for name, lines in lists.items()}
+    return {
+        name: write_text(out / f"{name}.txt", "".join(f"{line}\n" for line in lines))
+        for name, lines in lists.items()
+    }

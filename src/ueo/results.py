@@ -1,0 +1,188 @@
+"""Tables and plots of a sweep: results.csv, results.json, results.md and PNG figures.
+
+Numbers come from each cell's metrics.json (the held-out test set unless said otherwise), so
+the report can be rebuilt at any time from the run directories.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ueo.io import atomic_path, write_json, write_text
+from ueo.metrics import METRIC_NAMES
+from ueo.reports import fmt
+
+SETS = ("test", "unlabeled")
+TABLE_METRICS = ("acc", "auroc", "h")
+METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95", "h": "H-score"}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def rows(results: list) -> list[dict]:
+    """One flat row per cell: identifiers, then every metric of every evaluated set."""
+    out = []
+    for cell, record in results:
+        row = {
+            "domain": cell.domain,
+            "scenario": cell.scenario,
+            "method": cell.method,
+            "seed": cell.seed,
+        }
+        for s in SETS:
+            metrics = (record["adapted"] or {}).get(s) or {}
+            row.update({f"{s}_{m}": metrics.get(m) for m in METRIC_NAMES})
+        row["wall_time_s"] = record.get("wall_time_s")
+        row["skipped_images"] = record.get("skipped_images")
+        out.append(row)
+    return out
+
+
+def summary(results: list, settings: dict, metric_set: str = "test") -> dict:
+    """{"mean": {scenario: {method: metrics}}, "domains": {domain: {scenario: {method: ...}}}}.
+
+    Seeds are averaged within a domain; "mean" averages the domains.
+    """
+    per: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for cell, record in results:
+        per[cell.domain][cell.scenario][cell.method].append(record["adapted"][metric_set])
+    domains = {
+        d: {
+            s: {
+                m: {k: _mean([r[k] for r in runs]) for k in METRIC_NAMES}
+                for m, runs in methods.items()
+            }
+            for s, methods in scenarios.items()
+        }
+        for d, scenarios in per.items()
+    }
+    mean: dict = {}
+    for cell, _ in results:
+        if cell.method not in mean.setdefault(cell.scenario, {}):
+            cells = [
+                v[cell.scenario][cell.method]
+                for v in domains.values()
+                if cell.method in v.get(cell.scenario, {})
+            ]
+            mean[cell.scenario][cell.method] = {
+                k: _mean([c[k] for c in cells]) for k in METRIC_NAMES
+            }
+    return {"mean": mean, "domains": domains, "settings": settings}
+
+
+def markdown(results: list, title: str, metric_set: str = "test") -> str:
+    """The paper's layout: per scenario and metric, rows = methods, columns = domains + Avg."""
+    table: dict = defaultdict(list)
+    for cell, record in results:
+        table[(cell.scenario, cell.method, cell.domain)].append(record["adapted"][metric_set])
+    scenarios = list(dict.fromkeys(c.scenario for c, _ in results))
+    methods = list(dict.fromkeys(c.method for c, _ in results))
+    domains = list(dict.fromkeys(c.domain for c, _ in results))
+    seeds = sorted({c.seed for c, _ in results})
+    lines = [
+        f"# {title}",
+        "",
+        f"{metric_set.capitalize()} set, in percent; {len(seeds)} seed(s) "
+        f"({', '.join(map(str, seeds))}){'; mean ± std over seeds' if len(seeds) > 1 else ''}."
+        " '-' = undefined (no OOD sample for AUROC).",
+        "",
+    ]
+    for s in scenarios:
+        for metric in TABLE_METRICS:
+            lines += [
+                f"## {s} — {METRIC_TITLES[metric]}",
+                "",
+                "| method | " + " | ".join(domains) + " | Avg |",
+                "|---|" + "---:|" * (len(domains) + 1),
+            ]
+            for m in methods:
+                cells, avgs = [], []
+                for d in domains:
+                    vals = [r[metric] for r in table.get((s, m, d), []) if r[metric] is not None]
+                    cells.append(_pm(vals))
+                    avgs.append(float(np.mean(vals)) if vals else None)
+                avg = _mean(avgs) if all(a is not None for a in avgs) else None
+                lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(avg)} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(float(np.mean(values)))} ± {100 * float(np.std(values)):.1f}"
+
+
+def write_csv(path: Path, table: list[dict]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]) if table else ["domain"])
+    writer.writeheader()
+    writer.writerows(table)
+    return write_text(path, buf.getvalue())
+
+
+def save_figure(fig, path: Path) -> Path:
+    """PNG written atomically."""
+    import matplotlib.pyplot as plt
+
+    tmp = atomic_path(path)
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def method_plot(summary_mean: dict, scenario: str, path: Path):
+    """Grouped bars: ACC, AUROC and H-score of each method, averaged over domains."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary_mean[scenario])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(methods), 3.4))
+    width = 0.8 / len(TABLE_METRICS)
+    x = np.arange(len(methods))
+    for j, metric in enumerate(TABLE_METRICS):
+        vals = [summary_mean[scenario][m][metric] for m in methods]
+        heights = [100 * v if v is not None else 0 for v in vals]
+        bars = ax.bar(x + (j - 1) * width, heights, width, label=METRIC_TITLES[metric])
+        for b, v in zip(bars, vals, strict=True):
+            if v is not None:
+                ax.text(
+                    b.get_x() + b.get_width() / 2,
+                    b.get_height() + 0.5,
+                    f"{100 * v:.0f}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    ax.set_xticks(x, methods)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title(f"{scenario}: methods compared (test set, mean over domains)")
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def write_report(results: list, out: Path, title: str, settings: dict) -> dict[str, Path]:
+    """results.csv, results.json, results.md and one plot per scenario, all from the cells."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"csv": write_csv(out / "results.csv", rows(results))}
+    data = summary(results, settings)
+    written["json"] = write_json(out / "results.json", data)
+    written["md"] = write_text(out / "results.md", markdown(results, title) + "\n")
+    (out / "plots").mkdir(exist_ok=True)
+    for s in data["mean"]:
+        written[f"plot_{s}"] = method_plot(data["mean"], s, out / "plots" / f"{s}.png")
+    return written
