@@ -120,3 +120,41 @@ def calibration_batch(n: int = 32, seed: int = 1) -> torch.Tensor:
     )
     names = CLASSES + UNKNOWN
     return torch.stack([tf(draw(names[i % len(names)], rng)) for i in range(n)])
+
+
+def seeded_calibrated_clip(load_clip, seed: int = 0):
+    """Wrap `load_clip` so that random weights are the same on every load and BatchNorm is
+    calibrated: `--pretrained none` then gives input-dependent, reproducible features."""
+
+    def load(*args, **kwargs):
+        from ueo.clip import calibrate_batchnorm
+
+        torch.manual_seed(seed)
+        clip = load_clip(*args, **kwargs)
+        if any(isinstance(m, torch.nn.BatchNorm2d) for m in clip.model.visual.modules()):
+            calibrate_batchnorm(clip.model, calibration_batch())
+        return clip
+
+    return load
+
+
+@pytest.fixture
+def calibrated_loads(monkeypatch):
+    """Every model that ueo.api loads (CLI included) is seeded and BatchNorm-calibrated."""
+    import ueo.api
+    from ueo.clip import load_clip
+
+    monkeypatch.setattr(ueo.api, "load_clip", seeded_calibrated_clip(load_clip))
+
+
+def load_calibrated(name: str = "test-tiny-rn", classes=None, seed: int = 0, **kwargs):
+    """A UeoModel on random weights with calibrated BatchNorm (input-dependent features)."""
+    import warnings
+
+    from ueo.clip import load_clip
+    from ueo.model import UeoModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = seeded_calibrated_clip(load_clip, seed)(name, "none")
+    return UeoModel(clip, list(classes or CLASSES), **kwargs)

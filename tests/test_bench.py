@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import draw
 
 import ueo.sweep
-from conftest import draw
 from ueo.benchmarks import class_names
 from ueo.cli import main
 

@@ -29,7 +29,8 @@ def compute_metrics(pred: np.ndarray, score: np.ndarray, label: np.ndarray) -> d
         out["acc"] = out["gacc"] = None
     if is_id.any() and (~is_id).any():
         out["auroc"] = float(roc_auc_score(is_id.astype(int), score))
-        fpr, tpr, _ = roc_curve(is_id.astype(int), score)
+        # Every threshold kept: dropped collinear points could hide the first one at 95% TPR.
+        fpr, tpr, _ = roc_curve(is_id.astype(int), score, drop_intermediate=False)
         out["fpr95"] = float(fpr[np.searchsorted(tpr, 0.95, side="left")])
     else:
         out["auroc"] = out["fpr95"] = None

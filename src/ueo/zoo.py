@@ -107,6 +107,11 @@ def load_bundled(model_name: str) -> torch.nn.Module:
             f"{path} has sha256 {actual} but its recipe file records {expected}: the file is "
             f"corrupt or was replaced. Rebuild it with `python -m ueo.pretrain --model {model_name}`."
         )
+    return load_checkpoint(model_name, path)
+
+
+def load_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
+    """A tiny model with the weights of `path` (strict, fp32, eval mode); no sha256 check."""
     model = create_tiny_model(model_name)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
     model.load_state_dict(state, strict=True)
