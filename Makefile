@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ueo-installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint fashion-mnist clean
+.PHONY: demo test lint fashion-mnist clean wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Wheels the GPU benchmark carries to a machine without package registries (benchmarks/gpu.sh).
+wheels: $(STAMP)
+	$(BIN)/pip download --quiet --no-deps --dest .wheels "open_clip_torch==3.3.0" ftfy wcwidth

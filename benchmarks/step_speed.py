@@ -1,0 +1,290 @@
+"""Seconds per UEO training step: the reference step against ueo's step, same process.
+
+The reference step is SPEC.md's step written plainly, as the authors' script does it: every
+prompt padded to the full text context and run through the whole text transformer each step,
+fp32, frozen weights without gradients. ueo's step is `ueo.adapt.training_step` on a model
+built the way `ueo adapt` builds it (exact shortcuts in `ueo.prompts`, channels_last).
+
+Both start from the same random-init model (BatchNorm statistics calibrated on natural-looking
+images, so features depend on the input), see the same batch, and take the same SGD steps;
+steps alternate between the two so that machine noise hits both alike. Step 1 is the warm-up;
+the reported time is the median of the following steps. Losses are compared at every step and
+every tuned tensor after 3 steps.
+
+    python benchmarks/step_speed.py                       # every case
+    python benchmarks/step_speed.py --model RN50 --classes 345 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ueo.adapt import AdaptConfig, make_optimizer, training_step
+from ueo.benchmarks import class_names
+from ueo.clip import calibrate_batchnorm, load_clip
+from ueo.model import UeoModel
+from ueo.objectives import mcm_score, ueo_loss
+from ueo.runtime import resolve_device
+
+CASES = [("RN50", 345), ("RN50", 65), ("ViT-B-16", 345), ("ViT-B-16", 65)]
+CLASS_LISTS = {345: "domainnet", 65: "officehome"}
+LR = 1e-3
+
+
+def natural_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Smooth random colour fields with edges: image-like statistics, CLIP-normalised range."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 7, 7, generator=g)
+    x = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    x = x + 0.25 * F.interpolate(torch.rand(n, 3, 28, 28, generator=g), size=(size, size))
+    x = x + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    mean = torch.tensor([0.481, 0.458, 0.408]).view(1, 3, 1, 1)
+    std = torch.tensor([0.269, 0.261, 0.276]).view(1, 3, 1, 1)
+    return ((x / 1.3).clamp(0, 1) - mean) / std
+
+
+class StepMemory:
+    """Memory a step needs beyond the model: CUDA's peak allocation on a GPU; on the CPU,
+    whose allocator keeps freed memory, the bytes autograd saves for the backward pass
+    (activations, not parameters), counted once per storage."""
+
+    def __init__(self, device: torch.device, params):
+        self.device = device
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.saved: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.params:
+            self.saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.mib = sum(self.saved.values()) / 2**20
+
+
+def reference_step(model: UeoModel, images, weights, optimizer) -> float:
+    """SPEC.md's step as the authors' script computes it: full 77-token prompts, fp32."""
+    optimizer.zero_grad(set_to_none=True)
+    text = model.prompt.reference_features()
+    feats = F.normalize(model.net.encode_image(images), dim=-1)
+    loss = ueo_loss(100.0 * feats @ text.t(), weights)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def run_case(
+    model_name: str,
+    n_classes: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    precision: str,
+    seed: int = 0,
+) -> dict:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip(model_name, "none", device)
+    names = class_names(CLASS_LISTS[n_classes])
+    images = natural_images(batch, clip.image_size, seed + 1).to(device)
+    calibrate_batchnorm(clip.model, natural_images(64, clip.image_size, seed + 2).to(device))
+
+    ref = UeoModel(copy.deepcopy(clip), names, fast=False).to(device)
+    ours = UeoModel(clip, names).to(device)
+    ours.use_channels_last()
+    config = AdaptConfig(lr_prompt=LR, lr_norm=LR)
+    opt_ref, opt_ours = make_optimizer(ref, config), make_optimizer(ours, config)
+    with torch.no_grad():
+        weights = mcm_score(ref(images))
+
+    times = {"reference": [], "ueo": []}
+    losses = {"reference": [], "ueo": []}
+    memory = {}
+    after3 = {}
+    start_state = {k: v.clone() for k, v in ours.adapter_state().items()}
+    grad_norm = None
+    params = [*ref.net.parameters(), *ours.net.parameters(), ref.prompt.ctx, ours.prompt.ctx]
+    for _ in range(steps):
+        for name, fn in (
+            ("reference", lambda: reference_step(ref, images, weights, opt_ref)),
+            ("ueo", lambda: training_step(ours, images, weights, opt_ours, "ueo")),
+        ):
+            _sync(device)
+            with StepMemory(device, params) as mem:
+                t0 = time.perf_counter()
+                losses[name].append(fn())
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+            memory[name] = max(memory.get(name, 0.0), mem.mib)
+            if name == "ueo" and grad_norm is None:
+                grad_norm = float(
+                    torch.cat(
+                        [
+                            p.grad.flatten()
+                            for p in [ours.prompt.ctx, *ours.norm_parameters().values()]
+                        ]
+                    ).norm()
+                )
+        if len(losses["ueo"]) == 3:
+            after3 = {
+                "reference": {k: v.clone() for k, v in ref.adapter_state().items()},
+                "ueo": {k: v.clone() for k, v in ours.adapter_state().items()},
+            }
+    low_precision = {}
+    if precision != "fp32":
+        low_times = []
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            training_step(ours, images, weights, opt_ours, "ueo", precision=precision)
+            _sync(device)
+            low_times.append(time.perf_counter() - t0)
+        t_low = statistics.median(low_times[1:])
+        low_precision = {
+            f"ueo_s_per_step_{precision}": round(t_low, 4),
+            f"images_per_s_ueo_{precision}": round(batch / t_low, 1),
+        }
+    param_diff = max(
+        float((after3["reference"][k] - after3["ueo"][k]).abs().max()) for k in after3["ueo"]
+    )
+    param_moved = max(float((after3["ueo"][k] - start_state[k]).abs().max()) for k in after3["ueo"])
+    t_ref = statistics.median(times["reference"][1:])
+    t_ours = statistics.median(times["ueo"][1:])
+    return {
+        "model": model_name,
+        "classes": n_classes,
+        "batch": batch,
+        "device": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "reference_s_per_step": round(t_ref, 4),
+        "ueo_s_per_step": round(t_ours, 4),
+        "speedup": round(t_ref / t_ours, 2),
+        "images_per_s_ueo": round(batch / t_ours, 1),
+        **low_precision,
+        "max_abs_loss_diff_3_steps": max(
+            abs(a - b) for a, b in zip(losses["reference"][:3], losses["ueo"][:3], strict=True)
+        ),
+        "max_abs_param_diff_after_3_steps": param_diff,
+        "max_abs_param_change_after_3_steps": param_moved,
+        "first_loss": losses["ueo"][0],
+        "first_grad_norm": grad_norm,
+        "step_memory_mib": {k: round(v, 1) for k, v in memory.items()},
+        "step_memory_kind": "cuda_peak_allocated" if device.type == "cuda" else "saved_activations",
+        "steps": steps,
+        "lr": LR,
+    }
+
+
+def step_flops(model, images, weights, optimizer, precision: str) -> float:
+    """Matmul and convolution FLOPs of one step (forward and backward), as PyTorch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        training_step(model, images, weights, optimizer, "ueo", precision=precision)
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(device: torch.device, precision: str, n: int = 8192, reps: int = 10) -> float:
+    """The card's dense matmul rate in TFLOP/s at this precision (the yardstick for a step)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="RN50 or ViT-B-16 (default: every case)")
+    p.add_argument("--classes", type=int, default=None, choices=sorted(CLASS_LISTS))
+    p.add_argument("--batch", type=int, default=None, help="default 32 on CPU, 64 on GPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=4, help="steps per path, first is warm-up (>= 4)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="also time ueo's step under this autocast precision (GPU)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON lines only")
+    p.add_argument("--out", default=None, help="also write the JSON records to this file")
+    args = p.parse_args(argv)
+    if args.steps < 4:
+        p.error("--steps must be >= 4 (3 steps are compared, the first is a warm-up)")
+    device = resolve_device(args.device)
+    batch = args.batch or (64 if device.type == "cuda" else 32)
+    cases = [
+        (m, c)
+        for m, c in CASES
+        if (args.model is None or m == args.model.replace("/", "-"))
+        and (args.classes is None or c == args.classes)
+    ]
+    if not cases:
+        cases = [(args.model.replace("/", "-"), args.classes or 345)]
+    records = []
+    for model_name, n_classes in cases:
+        rec = run_case(model_name, n_classes, batch, device, args.steps, args.precision)
+        records.append(rec)
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        else:
+            print(
+                f"{rec['model']:>9} {rec['classes']:>3} classes, batch {batch}, {rec['device']}: "
+                f"reference {rec['reference_s_per_step']:.3f} s/step, ueo "
+                f"{rec['ueo_s_per_step']:.3f} s/step -> {rec['speedup']:.2f}x; "
+                f"|dloss| {rec['max_abs_loss_diff_3_steps']:.1e}, |dparam| "
+                f"{rec['max_abs_param_diff_after_3_steps']:.1e} (params moved "
+                f"{rec['max_abs_param_change_after_3_steps']:.1e}); peak MiB "
+                f"{rec['peak_memory_mib']}",
+                flush=True,
+            )
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
