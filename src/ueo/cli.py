@@ -134,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_protocol_commands(sub)
     _add_bench_command(sub)
+
+    p = sub.add_parser(
+        "demo", help="offline demo: a bundled tiny CLIP on the universal-shift testbed"
+    )
+    p.add_argument("--out", default="runs/demo", help="default runs/demo")
+    p.add_argument("--quick", action="store_true", help="one domain, fewer epochs (~2 minutes)")
+    p.add_argument("--model", default="ueo-tiny-rn", choices=["ueo-tiny-rn", "ueo-tiny-vit"])
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -471,6 +480,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from ueo.demo import run_demo, table
+
+    _setup_logging(args.quiet)
+    results = run_demo(args.out, args.quick, args.model, args.device, not args.quiet)
+    print(table(results))
+    print(f"\nwrote {args.out}/results.json, results.md, results.csv and plots/*.png")
+    return 0
+
+
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -485,6 +504,7 @@ def _domains(suite: str, text: str) -> list[str]:
 
 COMMANDS = {
     "bench": cmd_bench,
+    "demo": cmd_demo,
     "adapt": cmd_adapt,
     "eval": cmd_eval,
     "predict": cmd_predict,

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ueo.io import atomic_path, write_json, write_text
+from ueo.io import write_json, write_text
 from ueo.metrics import METRIC_NAMES
+from ueo.plots import METRIC_TITLES, TABLE_METRICS, method_plot
 from ueo.reports import fmt
 
 SETS = ("test", "unlabeled")
-TABLE_METRICS = ("acc", "auroc", "h")
-METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95", "h": "H-score"}
 
 
 def _mean(values: list) -> float | None:
@@ -129,50 +128,6 @@ def write_csv(path: Path, table: list[dict]) -> Path:
     writer.writeheader()
     writer.writerows(table)
     return write_text(path, buf.getvalue())
-
-
-def save_figure(fig, path: Path) -> Path:
-    """PNG written atomically."""
-    import matplotlib.pyplot as plt
-
-    tmp = atomic_path(path)
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def method_plot(summary_mean: dict, scenario: str, path: Path):
-    """Grouped bars: ACC, AUROC and H-score of each method, averaged over domains."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(summary_mean[scenario])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(methods), 3.4))
-    width = 0.8 / len(TABLE_METRICS)
-    x = np.arange(len(methods))
-    for j, metric in enumerate(TABLE_METRICS):
-        vals = [summary_mean[scenario][m][metric] for m in methods]
-        heights = [100 * v if v is not None else 0 for v in vals]
-        bars = ax.bar(x + (j - 1) * width, heights, width, label=METRIC_TITLES[metric])
-        for b, v in zip(bars, vals, strict=True):
-            if v is not None:
-                ax.text(
-                    b.get_x() + b.get_width() / 2,
-                    b.get_height() + 0.5,
-                    f"{100 * v:.0f}",
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                )
-    ax.set_xticks(x, methods)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("%")
-    ax.set_title(f"{scenario}: methods compared (test set, mean over domains)")
-    ax.legend(loc="lower right", fontsize=8)
-    return save_figure(fig, path)
 
 
 def write_report(results: list, out: Path, title: str, settings: dict) -> dict[str, Path]:

@@ -1,0 +1,100 @@
+"""Figures a person would rather look at than read: methods compared, ROC curves, histograms.
+
+Every figure is written atomically as PNG with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from ueo.io import atomic_path  # noqa: E402
+
+TABLE_METRICS = ("acc", "auroc", "h")
+METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95", "h": "H-score"}
+
+
+def save_figure(fig, path: Path) -> Path:
+    """PNG written atomically."""
+    tmp = atomic_path(path)
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def method_plot(summary_mean: dict, scenario: str, path: Path):
+    """Grouped bars: ACC, AUROC and H-score of each method, averaged over domains."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    methods = list(summary_mean[scenario])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(methods), 3.4))
+    width = 0.8 / len(TABLE_METRICS)
+    x = np.arange(len(methods))
+    for j, metric in enumerate(TABLE_METRICS):
+        vals = [summary_mean[scenario][m][metric] for m in methods]
+        heights = [100 * v if v is not None else 0 for v in vals]
+        bars = ax.bar(x + (j - 1) * width, heights, width, label=METRIC_TITLES[metric])
+        for b, v in zip(bars, vals, strict=True):
+            if v is not None:
+                ax.text(
+                    b.get_x() + b.get_width() / 2,
+                    b.get_height() + 0.5,
+                    f"{100 * v:.0f}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    ax.set_xticks(x, methods)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title(f"{scenario}: methods compared (test set, mean over domains)")
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def roc_plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path) -> Path:
+    """One panel per scenario; `curves[scenario][label] = (is_id, score)` of the test images."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.3 * len(curves), 3.3), squeeze=False)
+    for ax, (scenario, lines) in zip(axes[0], curves.items(), strict=True):
+        for label, (is_id, score) in lines.items():
+            if is_id.all() or not is_id.any():
+                continue
+            fpr, tpr, _ = roc_curve(is_id.astype(int), score)
+            style = "--" if label == "zero-shot" else "-"
+            ax.plot(fpr, tpr, style, label=label, lw=1.4)
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+        ax.set_title(f"{scenario}: ID vs OOD (MCM)")
+        ax.set_xlabel("false positive rate (OOD kept)")
+        ax.set_ylabel("true positive rate (ID kept)")
+        ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path)
+
+
+def histogram_plot(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path) -> Path:
+    """Rows = scenarios, columns = phases; each panel overlays MCM scores of ID and OOD images."""
+    rows = list(panels)
+    cols = list(next(iter(panels.values())))
+    fig, axes = plt.subplots(
+        len(rows), len(cols), figsize=(3.6 * len(cols), 2.4 * len(rows)), squeeze=False
+    )
+    for r, scenario in enumerate(rows):
+        for c, phase in enumerate(cols):
+            ax = axes[r][c]
+            is_id, score = panels[scenario][phase]
+            bins = np.linspace(score.min(), score.max(), 40)
+            ax.hist(score[is_id], bins=bins, alpha=0.6, density=True, label="ID (known classes)")
+            ax.hist(score[~is_id], bins=bins, alpha=0.6, density=True, label="OOD (unknown)")
+            ax.set_title(f"{scenario}, {phase}", fontsize=9)
+            ax.set_yticks([])
+            if r == len(rows) - 1:
+                ax.set_xlabel("MCM score (max softmax of cosines, T=1)")
+    axes[0][0].legend(fontsize=7)
+    return save_figure(fig, path)
