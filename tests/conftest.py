@@ -124,14 +124,22 @@ def calibration_batch(n: int = 32, seed: int = 1) -> torch.Tensor:
 
 def seeded_calibrated_clip(load_clip, seed: int = 0):
     """Wrap `load_clip` so that random weights are the same on every load and BatchNorm is
-    calibrated: `--pretrained none` then gives input-dependent, reproducible features."""
+    calibrated: `--pretrained none` then gives input-dependent, reproducible features and
+    gradients that reach every norm layer."""
 
     def load(*args, **kwargs):
         from ueo.clip import calibrate_batchnorm
 
         torch.manual_seed(seed)
         clip = load_clip(*args, **kwargs)
-        if any(isinstance(m, torch.nn.BatchNorm2d) for m in clip.model.visual.modules()):
+        norms = [m for m in clip.model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        if norms:
+            # open_clip zero-initialises each residual branch's last BatchNorm weight, which
+            # would cut the gradient to the branch's other norms: use ones instead.
+            with torch.no_grad():
+                for m in norms:
+                    if not m.weight.any():
+                        m.weight.fill_(1.0)
             calibrate_batchnorm(clip.model, calibration_batch())
         return clip
 
@@ -147,14 +155,36 @@ def calibrated_loads(monkeypatch):
     monkeypatch.setattr(ueo.api, "load_clip", seeded_calibrated_clip(load_clip))
 
 
+_CALIBRATED: dict = {}
+
+
 def load_calibrated(name: str = "test-tiny-rn", classes=None, seed: int = 0, **kwargs):
-    """A UeoModel on random weights with calibrated BatchNorm (input-dependent features)."""
+    """A fresh UeoModel on random weights with calibrated BatchNorm (input-dependent features).
+
+    The network is built once per (name, seed) and deep-copied for each call: every call gets
+    identical, independent weights.
+    """
+    import copy
+    import dataclasses
     import warnings
 
     from ueo.clip import load_clip
     from ueo.model import UeoModel
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clip = seeded_calibrated_clip(load_clip, seed)(name, "none")
+    if (name, seed) not in _CALIBRATED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _CALIBRATED[name, seed] = seeded_calibrated_clip(load_clip, seed)(name, "none")
+    base = _CALIBRATED[name, seed]
+    clip = dataclasses.replace(base, model=copy.deepcopy(base.model))
     return UeoModel(clip, list(classes or CLASSES), **kwargs)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: on a small, shared CPU the tiny models run many times faster
+    (two threads wait on each other at every operation while other processes hold a core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

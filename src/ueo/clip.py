@@ -132,9 +132,13 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
             f"Tags for {name}: {available}. Or pass a local checkpoint file, `bundled` "
             f"or `none`."
         )
-    openclip_log = logging.getLogger("open_clip")
-    level = openclip_log.level
-    openclip_log.setLevel(logging.CRITICAL)
+    # open_clip logs a failed download with logging.error() on the root logger, which also
+    # installs a stderr handler when the root logger has none: our one-line error says it all.
+    root = logging.getLogger()
+    level = root.level
+    silence = logging.NullHandler()
+    root.addHandler(silence)
+    root.setLevel(logging.CRITICAL)
     try:
         return open_clip.create_model(name, pretrained=tag)
     except Exception as exc:  # download failures surface as RuntimeError, OSError, HTTP errors
@@ -146,12 +150,15 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
             "cache folder)."
         ) from exc
     finally:
-        openclip_log.setLevel(level)
+        root.removeHandler(silence)
+        root.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return text[0] if len(text[0]) <= 300 else text[0][:300] + "..."
 
 
 def _wrap(net: torch.nn.Module, name: str, pretrained: str, device) -> LoadedClip:

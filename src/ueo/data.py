@@ -183,19 +183,23 @@ class ImageDataset(Dataset):
 
 
 class BadImages:
-    """Collects unreadable images across epochs; fatal when the user asked for it."""
+    """Collects unreadable images across epochs and sets; fatal when the user asked for it.
+
+    An image is identified by its message, which starts with its path: a dataset index is not
+    enough, since one tracker serves both the unlabeled and the test set.
+    """
 
     def __init__(self, policy: str = "skip"):
         if policy not in ("skip", "error"):
             raise UeoError(f"--on-bad-image must be 'skip' or 'error', not {policy!r}.")
         self.policy = policy
-        self.seen: dict[int, str] = {}
+        self.seen: dict[str, int] = {}
 
     def report(self, index: int, message: str) -> None:
         if self.policy == "error":
             raise UeoError(f"Unreadable image: {message}")
-        if index not in self.seen:
-            self.seen[index] = message
+        if message not in self.seen:
+            self.seen[message] = index
             log.warning("Skipping unreadable image %s", message)
 
     def __len__(self) -> int:

@@ -1,0 +1,464 @@
+"""End to end: the `ueo` command in-process, and every method through the Python API."""
+
+import csv
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, UNKNOWN, draw, load_calibrated, make_folder
+from safetensors import safe_open
+
+from ueo.adapt import METHODS, AdaptConfig, adapt
+from ueo.api import load_adapted, save_run
+from ueo.cli import main
+from ueo.data import load_image_set
+from ueo.errors import UeoError
+from ueo.metrics import METRIC_NAMES
+from ueo.model import CTX_NAME
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.filterwarnings("ignore:Model .* has RANDOM weights"),
+]
+
+TINY = ["--model", "test-tiny-rn", "--pretrained", "none"]
+FAST = ["--workers", "0", "--quiet"]
+
+
+def adapt_argv(data, classes, out, *extra):
+    return [
+        "adapt",
+        *TINY,
+        "--data",
+        str(data),
+        "--classes",
+        str(classes),
+        "--method",
+        "ueo",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
+
+
+def cli(*parts) -> list[str]:
+    """argv from words (strings are split at spaces) and paths, with fast runtime options."""
+    argv = []
+    for part in parts:
+        argv += part.split() if isinstance(part, str) else [str(part)]
+    return argv + FAST
+
+
+def read_adapter(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["ueo"])
+
+
+def test_adapt_eval_predict_round_trip(tmp_path, image_folder, classes_file, calibrated_loads):
+    run = tmp_path / "run"
+    argv = adapt_argv(image_folder, classes_file, run, "--lr-prompt", "0.01", "--lr-norm", "0.01")
+    assert main(argv) == 0
+
+    # The adapter: tuned tensors under their own names, and what is needed to rebuild.
+    tensors, meta = read_adapter(run / "adapter.safetensors")
+    bn = {k for k in tensors if k != CTX_NAME}
+    assert CTX_NAME in tensors and tensors[CTX_NAME].shape == (4, 32)
+    assert len(bn) == 38 and all(k.startswith("visual.") for k in bn)
+    assert {"visual.bn1.weight", "visual.layer1.0.bn3.bias"} <= bn
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert meta["model"] == "test-tiny-rn" and meta["pretrained"] == "none"
+    assert meta["class_names"] == CLASSES
+    assert meta["n_ctx"] == 4 and meta["ctx_init"] == "a photo of a"
+    assert meta["ueo_version"] == "0.1.0" and meta["method"] == "ueo"
+    assert 0 < meta["threshold"] < 1
+
+    # Training moved the context away from the embedding of "a photo of a".
+    initial = load_calibrated("test-tiny-rn").adapter_state()
+    assert not torch.equal(tensors[CTX_NAME], initial[CTX_NAME])
+    assert any(not torch.equal(tensors[k], initial[k]) for k in bn)
+
+    # metrics.json
+    record = json.loads((run / "metrics.json").read_text())
+    for phase in ("zeroshot", "adapted"):
+        m = record[phase]["unlabeled"]
+        assert set(METRIC_NAMES) <= set(m) and (m["n"], m["n_id"], m["n_ood"]) == (30, 24, 6)
+        assert all(0 <= m[k] <= 1 for k in METRIC_NAMES)
+    assert record["settings"]["method"] == "ueo" and record["settings"]["epochs"] == 2
+    assert record["settings"]["batch_size"] == 8 and record["settings"]["lr_prompt"] == 0.01
+    assert record["wall_time_s"] > 0 and record["skipped_images"] == 0
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert all(np.isfinite(h["loss"]) for h in record["history"])
+    assert record["threshold"] == meta["threshold"]
+    log = (run / "log.txt").read_text()
+    assert "epoch 1/2" in log and "epoch 2/2" in log and "loss" in log
+
+    # Loading the adapter reproduces the adapted tensors exactly.
+    model, meta2 = load_adapted(run)
+    assert meta2 == meta
+    state = model.adapter_state()
+    assert set(state) == set(tensors)
+    assert all(torch.equal(state[k], tensors[k]) for k in tensors)
+
+    # eval of the adapter on the same images gives the adapted metrics of the run.
+    adapter = run / "adapter.safetensors"
+    assert (
+        main(cli("eval --adapter", adapter, "--data", image_folder, "--out", tmp_path / "e")) == 0
+    )
+    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert evaluated["model"] == "test-tiny-rn"
+    for k in METRIC_NAMES:
+        assert evaluated["metrics"][k] == pytest.approx(record["adapted"]["unlabeled"][k], abs=1e-6)
+
+    # Zero-shot eval gives the zero-shot metrics of the run.
+    argv = cli("eval --zeroshot", *TINY, "--classes", classes_file, "--data", image_folder)
+    argv += ["--out", str(tmp_path / "z")]
+    assert main(argv) == 0
+    zeroshot = json.loads((tmp_path / "z" / "metrics.json").read_text())["metrics"]
+    for k in METRIC_NAMES:
+        assert zeroshot[k] == pytest.approx(record["zeroshot"]["unlabeled"][k], abs=1e-6)
+    assert record["adapted"]["unlabeled"] != record["zeroshot"]["unlabeled"]
+
+    # predict: one row per image.
+    preds = tmp_path / "preds.csv"
+    argv = ["predict", "--adapter", str(run), "--images", str(image_folder), "--out", str(preds)]
+    assert main([*argv, *FAST]) == 0
+    with open(preds, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["path", "pred", "prob", "mcm", "is_unknown"]
+    images = load_image_set(image_folder, CLASSES)
+    assert [r["path"] for r in rows] == images.paths
+    assert {r["pred"] for r in rows} <= set(CLASSES)
+    mcm = np.array([float(r["mcm"]) for r in rows])
+    assert all(0 < float(r["prob"]) <= 1 for r in rows)
+    assert ((1 / len(CLASSES) <= mcm) & (mcm < 1)).all()
+    assert [r["is_unknown"] for r in rows] == [str(s < meta["threshold"]) for s in mcm]
+    assert 0 < sum(r["is_unknown"] == "True" for r in rows) < len(rows)  # Otsu splits them
+    # The predictions reproduce the run's accuracy on the ID images.
+    id_rows = [(r, lab) for r, lab in zip(rows, images.labels, strict=True) if lab >= 0]
+    gacc = np.mean([r["pred"] == CLASSES[lab] for r, lab in id_rows])
+    assert gacc == pytest.approx(record["adapted"]["unlabeled"]["gacc"])
+
+
+def test_adapt_with_random_weights_and_test_set(tmp_path, image_folder, classes_file, capsys):
+    """The plain CLI path (uncalibrated random weights), with a labelled test set."""
+    test_set = tmp_path / "test"
+    make_folder(test_set, per_class=2, seed=3)
+    run = tmp_path / "run"
+    argv = adapt_argv(image_folder, classes_file, run, "--test-data", str(test_set))
+    assert main(argv) == 0
+    record = json.loads((run / "metrics.json").read_text())
+    assert set(record["zeroshot"]) == set(record["adapted"]) == {"unlabeled", "test"}
+    assert record["adapted"]["test"]["n"] == 10 and record["adapted"]["test"]["n_ood"] == 2
+    assert record["settings"]["test_data"] == str(test_set)
+    assert "ACC" in capsys.readouterr().out  # the metrics table
+
+
+def test_adapt_on_loose_unlabeled_images(tmp_path, classes_file, calibrated_loads):
+    rng = np.random.default_rng(0)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i, name in enumerate(CLASSES * 2 + UNKNOWN):
+        draw(name, rng).save(loose / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(adapt_argv(loose, classes_file, run, "--epochs", "1")) == 0
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["zeroshot"]["unlabeled"] is None and record["adapted"]["unlabeled"] is None
+    _, meta = read_adapter(run / "adapter.safetensors")
+    assert 0 < meta["threshold"] < 1
+    assert main(cli("predict --adapter", run, "--images", loose, "--out", tmp_path / "p.csv")) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 9
+    # --threshold overrides the stored one: MCM is in (1/K, 1), so 0 flags nothing, 1 all.
+    for threshold, unknown in (("0", "False"), ("1", "True")):
+        argv = cli("predict --adapter", run, "--images", loose, "--out", tmp_path / "q.csv")
+        assert main([*argv, "--threshold", threshold]) == 0
+        with open(tmp_path / "q.csv", newline="") as f:
+            assert {row["is_unknown"] for row in csv.DictReader(f)} == {unknown}
+
+
+def test_random_context_round_trip(tmp_path, image_folder, classes_file, calibrated_loads):
+    run = tmp_path / "run"
+    argv = adapt_argv(image_folder, classes_file, run, "--ctx-init", "", "--n-ctx", "6")
+    assert main([*argv, "--epochs", "1", "--method", "infomax"]) == 0
+    tensors, meta = read_adapter(run / "adapter.safetensors")
+    assert tensors[CTX_NAME].shape == (6, 32) and meta["ctx_init"] == "" and meta["n_ctx"] == 6
+    model, _ = load_adapted(run)
+    assert torch.equal(model.prompt.ctx.detach(), tensors[CTX_NAME])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_through_the_api(method, image_folder, tmp_path):
+    model = load_calibrated("test-tiny-rn")
+    before = model.adapter_state()
+    before = {k: v.clone() for k, v in before.items()}
+    images = load_image_set(image_folder, CLASSES)
+    config = AdaptConfig(
+        method=method, epochs=1, batch_size=8, workers=0, lr_prompt=1e-2, lr_norm=1e-2
+    )
+    result = adapt(model, images, config, progress=False)
+    after = model.adapter_state()
+    zs, ad = result.metrics["zeroshot"]["unlabeled"], result.metrics["adapted"]["unlabeled"]
+    assert set(METRIC_NAMES) <= set(zs) and set(METRIC_NAMES) <= set(ad)
+    assert result.config["method"] == method
+    if method == "zeroshot":
+        assert result.history == [] and ad == zs
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    else:
+        assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
+        assert not torch.equal(before[CTX_NAME], after[CTX_NAME])
+        # Cosine annealing ends at zero learning rate.
+        assert result.history[0]["lr"] == {"prompt": 0.0, "norm": 0.0}
+    # Parameters are frozen again after adaptation.
+    assert not any(p.requires_grad for p in model.parameters())
+    # The saved run rebuilds exactly this model's tuned tensors.
+    record = save_run(tmp_path / "run", model, result)
+    assert record["adapted"] == result.metrics["adapted"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        rebuilt, meta = load_adapted(tmp_path / "run")
+    assert meta["method"] == method
+    assert all(torch.equal(v, after[k]) for k, v in rebuilt.adapter_state().items())
+
+
+def test_adaptation_is_reproducible(image_folder):
+    images = load_image_set(image_folder, CLASSES)
+    states = []
+    for _ in range(2):
+        model = load_calibrated("test-tiny-vit")
+        config = AdaptConfig(epochs=1, batch_size=8, workers=0, lr_prompt=1e-2, lr_norm=1e-2)
+        adapt(model, images, config, progress=False)
+        states.append(model.adapter_state())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_oracle_needs_labels(tmp_path):
+    loose = tmp_path / "loose"
+    make_folder(loose, per_class=2)
+    for f in list(loose.rglob("*.png")):
+        f.rename(loose / f"{f.parent.name}_{f.name}")
+    images = load_image_set(loose, CLASSES)
+    assert not images.labelled
+    model = load_calibrated("test-tiny-rn")
+    with pytest.raises(UeoError, match="labels"):
+        adapt(model, images, AdaptConfig(method="ueo-oracle", epochs=1, workers=0), progress=False)
+
+
+def test_oracle_weights_follow_labels(image_folder):
+    """ueo-oracle trains; with all samples ID it is infomax up to the weights' constant."""
+    images = load_image_set(image_folder, CLASSES)
+    known = images.subset(images.labels >= 0)
+    results = {}
+    for method in ("ueo-oracle", "infomax"):
+        model = load_calibrated("test-tiny-rn")
+        config = AdaptConfig(method=method, epochs=1, batch_size=8, workers=0, lr_prompt=1e-2)
+        adapt(model, known, config, progress=False)
+        results[method] = model.adapter_state()[CTX_NAME]
+    torch.testing.assert_close(results["ueo-oracle"], results["infomax"], atol=1e-6, rtol=0)
+
+
+def error_of(capsys, argv, only_line: bool = False) -> str:
+    """Exit code 2 and one `ueo: error:` line last on stderr, no traceback; returns it.
+
+    Before the error, stderr may hold progress logs and the random-weights warning;
+    `only_line` asserts there is nothing else."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert sum("ueo: error:" in ln for ln in lines) == 1
+    assert lines[-1].startswith("ueo: error: ")
+    if only_line:
+        assert len(lines) == 1, err
+    return lines[-1]
+
+
+def test_unknown_model(capsys, tmp_path, image_folder, classes_file):
+    argv = adapt_argv(image_folder, classes_file, tmp_path / "r")
+    argv[argv.index("test-tiny-rn")] = "no-such-net"
+    msg = error_of(capsys, argv)
+    assert "Unknown model 'no-such-net'" in msg
+
+
+def test_unknown_pretrained_tag(capsys, image_folder, classes_file):
+    argv = cli("eval --zeroshot --model RN50 --pretrained nonexistent --classes", classes_file)
+    msg = error_of(capsys, argv + cli("--data", image_folder))
+    assert "nonexistent" in msg and "RN50" in msg and "openai" in msg  # lists the real tags
+
+
+def test_missing_weights_offline(capsys, monkeypatch, tmp_path, image_folder, classes_file):
+    import huggingface_hub.constants as hf
+
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    for var in ("HF_HOME", "XDG_CACHE_HOME", "HF_HUB_CACHE", "TORCH_HOME"):
+        monkeypatch.setenv(var, str(empty))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads these once, at import.
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(empty / "hub"))
+    # No logging handler on the root logger, as in a plain `ueo` process: library log
+    # records must not reach stderr.
+    monkeypatch.setattr(logging.root, "handlers", [])
+    argv = cli("eval --zeroshot --model RN50 --pretrained openai --classes", classes_file)
+    msg = error_of(capsys, argv + cli("--data", image_folder), only_line=True)
+    assert "RN50" in msg and "'openai'" in msg
+    assert "--pretrained /path/to/" in msg  # where a local file goes
+    assert not logging.root.handlers
+
+
+@pytest.mark.parametrize(
+    ("classes", "expected"),
+    [
+        ("red square\n\nblue stripes\n", r"Empty class name at .*classes\.txt:2"),
+        ("Red_Square\nblue\nred square\n", "Duplicated class name 'red square'"),
+        ("cat\n" + " ".join(["very"] * 20) + " long\n", "too long for the text context of 24"),
+    ],
+)
+def test_bad_class_lists(capsys, tmp_path, image_folder, classes, expected):
+    path = tmp_path / "classes.txt"
+    path.write_text(classes)
+    msg = error_of(capsys, adapt_argv(image_folder, path, tmp_path / "run"))
+    assert re.search(expected, msg), msg
+
+
+def test_bad_data(capsys, tmp_path, classes_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "No images found" in error_of(capsys, adapt_argv(empty, classes_file, tmp_path / "r"))
+
+    (tmp_path / "a.png").write_bytes(b"")
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png 0\nb.png\n")
+    msg = error_of(capsys, adapt_argv(listing, classes_file, tmp_path / "r"))
+    assert f"{listing}:2" in msg
+
+    listing.write_text("a.png 0\nmissing/b.png 1\n")
+    msg = error_of(capsys, adapt_argv(listing, classes_file, tmp_path / "r"))
+    assert "do not exist" in msg and "missing/b.png" in msg
+
+    msg = error_of(capsys, adapt_argv(tmp_path / "nowhere", classes_file, tmp_path / "r"))
+    assert "does not exist" in msg
+
+
+def test_bad_options(capsys, tmp_path, image_folder, classes_file):
+    msg = error_of(capsys, adapt_argv(image_folder, classes_file, tmp_path / "r", "--n-ctx", "8"))
+    assert "--n-ctx" in msg
+    argv = adapt_argv(image_folder, classes_file, tmp_path / "r", "--ctx-init", "")
+    assert "--n-ctx" in error_of(capsys, argv)
+    argv = adapt_argv(image_folder, classes_file, tmp_path / "r", "--precision", "fp16")
+    assert "needs a CUDA GPU" in error_of(capsys, [*argv, "--device", "cpu"])
+    msg = error_of(capsys, cli("eval --data", image_folder))
+    assert "--adapter or --zeroshot" in msg
+    argv = cli("predict --adapter", tmp_path / "no.safetensors", "--images", image_folder)
+    msg = error_of(capsys, argv + cli("--out", tmp_path / "p.csv"))
+    assert "not found" in msg
+    not_adapter = tmp_path / "x.safetensors"
+    not_adapter.write_text("garbage")
+    msg = error_of(capsys, cli("eval --adapter", not_adapter, "--data", image_folder))
+    assert "not a readable safetensors adapter" in msg
+
+
+def test_oracle_and_eval_need_labels_in_cli(capsys, tmp_path, classes_file):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    draw("red square", np.random.default_rng(0)).save(loose / "a.png")
+    argv = adapt_argv(loose, classes_file, tmp_path / "r", "--method", "ueo-oracle")
+    assert "labels" in error_of(capsys, argv)
+    argv = ["eval", "--zeroshot", *TINY, "--classes", str(classes_file), "--data", str(loose)]
+    assert "no labels" in error_of(capsys, [*argv, *FAST])
+
+
+def add_bad_images(folder):
+    good = (folder / "red_square" / "000.png").read_bytes()
+    (folder / "red_square" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "black_noise" / "text.jpg").write_text("not an image")
+
+
+def test_unreadable_images_are_skipped(tmp_path, image_folder, classes_file, capsys):
+    add_bad_images(image_folder)
+    run = tmp_path / "run"
+    assert main(adapt_argv(image_folder, classes_file, run, "--epochs", "1")) == 0
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["skipped_images"] == 2
+    assert record["adapted"]["unlabeled"]["n"] == 30  # the 30 readable ones
+    err = capsys.readouterr().err
+    assert "truncated.png" in err and "text.jpg" in err
+    log = (run / "log.txt").read_text()
+    assert log.count("Skipping unreadable image") == 2
+
+    assert main(cli("eval --adapter", run, "--data", image_folder, "--out", tmp_path / "e")) == 0
+    assert (
+        json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]["skipped_images"] == 2
+    )
+    argv = cli("predict --adapter", run, "--images", image_folder, "--out", tmp_path / "p.csv")
+    assert main(argv) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 30
+    assert "2 unreadable image(s) skipped" in capsys.readouterr().err
+
+    argv = adapt_argv(image_folder, classes_file, tmp_path / "r2", "--on-bad-image", "error")
+    msg = error_of(capsys, argv)
+    assert "Unreadable image" in msg and ("truncated.png" in msg or "text.jpg" in msg)
+
+
+def test_bad_images_in_unlabeled_and_test_sets_are_all_counted(tmp_path):
+    """Two different unreadable files that sit at the same index of the two sets."""
+    unlabeled, test = tmp_path / "u", tmp_path / "t"
+    make_folder(unlabeled, per_class=2, classes=CLASSES)
+    make_folder(test, per_class=2, classes=CLASSES, seed=1)
+    for folder in (unlabeled, test):
+        (folder / "blue_stripes" / "000.png").write_text("broken")
+    u, t = load_image_set(unlabeled, CLASSES), load_image_set(test, CLASSES)
+    assert u.paths.index(str(unlabeled / "blue_stripes" / "000.png")) == t.paths.index(
+        str(test / "blue_stripes" / "000.png")
+    )
+    model = load_calibrated("test-tiny-rn")
+    config = AdaptConfig(epochs=1, batch_size=4, workers=0)
+    result = adapt(model, u, config, test=t, progress=False)
+    assert result.skipped_images == 2
+    assert result.metrics["adapted"]["unlabeled"]["n"] == 7
+    assert result.metrics["adapted"]["test"]["n"] == 7
+
+
+def test_models_command(capsys):
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"test-tiny-rn", "test-tiny-vit", "RN50"} <= set(names)
+
+
+def test_inference_matches_direct_forward(image_folder):
+    """infer() and predict() against the model applied image by image, in input order."""
+    from ueo.api import predict
+    from ueo.data import open_rgb
+    from ueo.inference import infer
+
+    add_bad_images(image_folder)
+    model = load_calibrated("test-tiny-rn")
+    images = load_image_set(image_folder, CLASSES)
+    out = infer(model, images, torch.device("cpu"), batch_size=7, progress=False)
+    transform = model.clip.test_transform()
+    readable = [i for i, p in enumerate(images.paths) if not p.endswith(("truncated.png", ".jpg"))]
+    assert out.valid.tolist() == [i in readable for i in range(len(images))]
+    assert np.isnan(out.cos[~out.valid]).all()
+    with torch.no_grad():
+        x = torch.stack([transform(open_rgb(images.paths[i])) for i in readable])
+        cos = model(x)
+    np.testing.assert_allclose(out.cos[readable], cos.numpy(), atol=1e-5)
+    assert cos.std(dim=0).min() > 1e-3  # the images really differ
+
+    rows = predict(model, images, threshold=0.26, device="cpu", batch_size=7, progress=False)
+    assert [r["path"] for r in rows] == [images.paths[i] for i in readable]
+    prob = torch.softmax(100 * cos, dim=-1)
+    mcm = torch.softmax(cos, dim=-1).max(dim=-1).values
+    for row, p, m in zip(rows, prob, mcm, strict=True):
+        assert row["pred"] == CLASSES[int(p.argmax())]
+        assert row["prob"] == pytest.approx(float(p.max()), abs=1e-4)
+        assert row["mcm"] == pytest.approx(float(m), abs=1e-6)
+        assert row["is_unknown"] == (row["mcm"] < 0.26)
