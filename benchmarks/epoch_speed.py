@@ -44,8 +44,7 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> Path:
         coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
         img = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
         img = img + rng.integers(-12, 13, (h, w, 3))
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg",
-                                                                  quality=90)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
     return folder
 
 
@@ -80,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     images = images.subset(np.arange(args.images))
     loader = make_loader(images, clip.train_transform(), args.batch, True, args.workers, device)
     steps = min(len(loader), args.max_steps or len(loader))
-    calib = next(iter(make_loader(images, clip.test_transform(), 64, False, args.workers,
-                                  device)))[0]
+    calib = next(iter(make_loader(images, clip.test_transform(), 64, False, args.workers, device)))[
+        0
+    ]
     calibrate_batchnorm(clip.model, calib.to(device))
 
     def batches(n):
@@ -109,14 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     n_trained = 0
     for xb, idx in batches(steps):
-        training_step(model, xb.to(device, non_blocking=True), torch.full((len(idx),), 0.02),
-                      optimizer, "ueo", precision=args.precision)
+        training_step(
+            model,
+            xb.to(device, non_blocking=True),
+            torch.full((len(idx),), 0.02),
+            optimizer,
+            "ueo",
+            precision=args.precision,
+        )
         n_trained += len(idx)
     _sync(device)
     epoch_rate = n_trained / (time.perf_counter() - t0)
     record = {
-        "model": args.model, "classes": args.classes, "batch": args.batch,
-        "workers": args.workers, "precision": args.precision, "images": n_trained,
+        "model": args.model,
+        "classes": args.classes,
+        "batch": args.batch,
+        "workers": args.workers,
+        "precision": args.precision,
+        "images": n_trained,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "loader_images_per_s": round(loader_rate, 1),
         "model_images_per_s": round(model_rate, 1),
@@ -127,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record))
     else:
         bound = "data loading" if loader_rate < model_rate else "the model"
-        print(f"{args.model} on {record['device']}, batch {args.batch}, {args.workers} workers, "
-              f"{args.precision}: loader {loader_rate:.1f} img/s, model {model_rate:.1f} img/s, "
-              f"whole epoch {epoch_rate:.1f} img/s ({n_trained} images) -> bound by {bound}")
+        print(
+            f"{args.model} on {record['device']}, batch {args.batch}, {args.workers} workers, "
+            f"{args.precision}: loader {loader_rate:.1f} img/s, model {model_rate:.1f} img/s, "
+            f"whole epoch {epoch_rate:.1f} img/s ({n_trained} images) -> bound by {bound}"
+        )
     return 0
 
 

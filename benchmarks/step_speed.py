@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_name, n_classes in cases:
         rec = run_case(model_name, n_classes, batch, device, args.steps, args.precision)
         records.append(rec)
+        if args.out:
+            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
         if args.json:
             print(json.dumps(rec), flush=True)
         else:
@@ -277,12 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rec['ueo_s_per_step']:.3f} s/step -> {rec['speedup']:.2f}x; "
                 f"|dloss| {rec['max_abs_loss_diff_3_steps']:.1e}, |dparam| "
                 f"{rec['max_abs_param_diff_after_3_steps']:.1e} (params moved "
-                f"{rec['max_abs_param_change_after_3_steps']:.1e}); peak MiB "
-                f"{rec['peak_memory_mib']}",
+                f"{rec['max_abs_param_change_after_3_steps']:.1e}); step memory MiB "
+                f"{rec['step_memory_mib']}",
                 flush=True,
             )
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     return 0
 
 

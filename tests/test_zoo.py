@@ -9,6 +9,7 @@ from PIL import Image
 
 from ueo import testbed as tb
 from ueo import zoo
+from ueo.clip import test_transform as clip_test_transform
 from ueo.errors import UeoError
 
 MAX_BYTES = 15 * 1024 * 1024
@@ -57,7 +58,7 @@ def test_preprocess_matches_the_pil_test_transform():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
     batch = zoo.preprocess(images, 32)
-    transform = zoo.eval_transform(32)
+    transform = clip_test_transform(32)
     expected = torch.stack([transform(Image.fromarray(im).convert("RGB")) for im in images])
     assert batch.shape == (3, 3, 32, 32)
     assert torch.equal(batch, expected)

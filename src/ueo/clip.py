@@ -37,28 +37,34 @@ class LoadedClip:
     std: tuple[float, float, float]
 
     def test_transform(self) -> T.Compose:
-        """Resize + centre crop (SPEC.md): used for MCM weights, evaluation and prediction."""
-        return T.Compose(
-            [
-                T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(self.image_size),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+        return test_transform(self.image_size, self.mean, self.std)
 
     def train_transform(self) -> T.Compose:
-        """RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip, as the reference recipe."""
-        return T.Compose(
-            [
-                T.RandomResizedCrop(
-                    self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC
-                ),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+        return train_transform(self.image_size, self.mean, self.std)
+
+
+def test_transform(size: int, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> T.Compose:
+    """Resize + centre crop (bicubic), SPEC.md's test transform: MCM weights, evaluation."""
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def train_transform(size: int, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> T.Compose:
+    """RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip, as the reference recipe."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def canonical_model_name(name: str) -> str:

@@ -23,6 +23,7 @@ METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95
 def save_figure(fig, path: Path) -> Path:
     """PNG written atomically."""
     tmp = atomic_path(path)
+    fig.tight_layout()
     fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
@@ -73,7 +74,8 @@ def roc_plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: 
         ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
         ax.set_title(f"{scenario}: ID vs OOD (MCM)")
         ax.set_xlabel("false positive rate (OOD kept)")
-        ax.set_ylabel("true positive rate (ID kept)")
+        if ax is axes[0][0]:
+            ax.set_ylabel("true positive rate (ID kept)")
         ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
@@ -94,6 +96,7 @@ def histogram_plot(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], 
             ax.hist(score[~is_id], bins=bins, alpha=0.6, density=True, label="OOD (unknown)")
             ax.set_title(f"{scenario}, {phase}", fontsize=9)
             ax.set_yticks([])
+            ax.locator_params(axis="x", nbins=4)
             if r == len(rows) - 1:
                 ax.set_xlabel("MCM score (max softmax of cosines, T=1)")
     axes[0][0].legend(fontsize=7)

@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ueo.data import OOD, load_image_set
 from ueo.errors import UeoError
+from ueo.metrics import compute_metrics
+from ueo.objectives import mcm_score
 
 VERSION = 1
 SPLIT_SEED = 2023
@@ -415,14 +418,10 @@ def build_testbed(root: Path | None = None, *, scale: float = 1.0) -> Testbed:
     return _describe(root)
 
 
-def read_list(root: Path, list_file: Path) -> tuple[list[Path], np.ndarray]:
-    """Image paths (absolute) and labels of a list file."""
-    paths, labels = [], []
-    for line in Path(list_file).read_text().splitlines():
-        rel, label = line.rsplit(" ", 1)
-        paths.append(root / rel)
-        labels.append(int(label))
-    return paths, np.array(labels, dtype=np.int64)
+def read_list(root: Path, list_file: Path) -> tuple[list[str], np.ndarray]:
+    """Image paths (absolute) and labels (testbed label space) of a list file."""
+    images = load_image_set(list_file, list(CLASS_NAMES), root)
+    return images.paths, images.labels
 
 
 def load_list_images(root: Path, list_file: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -438,8 +437,6 @@ def zero_shot_report(testbed: Testbed, model_name: str) -> list[dict]:
     ACC averages per-class accuracy over the known classes, GACC is the overall accuracy on
     known-class images; predictions and MCM scores use the known classes only, as in SPEC.md.
     """
-    from sklearn.metrics import roc_auc_score
-
     from ueo.zoo import load_bundled, zero_shot_cosines
 
     model = load_bundled(model_name)
@@ -448,20 +445,17 @@ def zero_shot_report(testbed: Testbed, model_name: str) -> list[dict]:
     rows = []
     for domain, list_file in splits.items():
         images, labels = load_list_images(testbed.root, list_file)
-        cos = zero_shot_cosines(model, known, images, model_name).numpy()
-        is_id = labels < testbed.known
-        pred = cos.argmax(axis=1)
-        per_class = [np.mean(pred[labels == c] == c) for c in range(testbed.known)]
-        mcm = np.exp(cos - cos.max(axis=1, keepdims=True))
-        mcm = (mcm / mcm.sum(axis=1, keepdims=True)).max(axis=1)
+        cos = zero_shot_cosines(model, known, images, model_name)
+        known_label = np.where(labels < testbed.known, labels, OOD)
+        m = compute_metrics(cos.argmax(dim=1).numpy(), mcm_score(cos).numpy(), known_label)
         rows.append(
             {
                 "model": model_name,
                 "domain": domain,
                 "images": len(labels),
-                "acc": float(np.mean(per_class)),
-                "gacc": float(np.mean(pred[is_id] == labels[is_id])),
-                "auroc": float(roc_auc_score(is_id, mcm)),
+                "acc": m["acc"],
+                "gacc": m["gacc"],
+                "auroc": m["auroc"],
             }
         )
     return rows

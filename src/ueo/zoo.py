@@ -27,11 +27,10 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from torchvision import transforms as T
 
+from ueo.clip import test_transform
 from ueo.errors import UeoError
 
 BUNDLED = ("ueo-tiny-rn", "ueo-tiny-vit")
@@ -137,27 +136,14 @@ def image_size(model: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def eval_transform(size: int) -> T.Compose:
-    """CLIP's test transform: bicubic resize, centre crop, RGB, CLIP mean/std."""
-    return T.Compose(
-        [
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(size),
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.ToTensor(),
-            T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
-        ]
-    )
-
-
 def preprocess(images: np.ndarray | Sequence[Image.Image], size: int) -> torch.Tensor:
     """Model input for a batch of images (uint8 N x H x W grayscale arrays or PIL images).
 
     The single preprocessing path of pretraining, zero-shot evaluation and tests.
     """
-    transform = eval_transform(size)
+    transform = test_transform(size)
     pils = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in images]
-    return torch.stack([transform(im) for im in pils])
+    return torch.stack([transform(im.convert("RGB")) for im in pils])
 
 
 def prompts(class_names: Sequence[str], template: str = ZERO_SHOT_TEMPLATE) -> list[str]:

@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end on a tiny model (their numbers, not their timings)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import epoch_speed  # noqa: E402
+import step_speed  # noqa: E402
+
+
+@pytest.mark.parametrize("model", ["test-tiny-rn", "test-tiny-vit"])
+def test_step_speed_reference_and_ueo_steps_agree(model, capsys):
+    assert (
+        step_speed.main(
+            ["--model", model, "--classes", "65", "--batch", "4", "--device", "cpu", "--json"]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["model"] == model and record["classes"] == 65
+    # Same numbers from the plain full-length step and ueo's step, and not trivially so.
+    assert record["max_abs_loss_diff_3_steps"] < 1e-5
+    assert record["max_abs_param_diff_after_3_steps"] < 1e-5
+    assert record["max_abs_param_change_after_3_steps"] > 1e-5
+    assert record["first_grad_norm"] > 1e-6
+    assert record["reference_s_per_step"] > 0 and record["ueo_s_per_step"] > 0
+
+
+def test_epoch_speed_reports_three_rates(tmp_path, capsys):
+    assert (
+        epoch_speed.main(
+            [
+                "--model",
+                "test-tiny-rn",
+                "--images",
+                "24",
+                "--batch",
+                "8",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--folder",
+                str(tmp_path / "jpegs"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["images"] == 24
+    for key in ("loader_images_per_s", "model_images_per_s", "epoch_images_per_s"):
+        assert record[key] > 0
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 24
