@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ueo.adapt import AdaptConfig, make_optimizer, training_step
+from ueo.adaptation import AdaptConfig, make_optimizer, training_step
 from ueo.benchmarks import class_names
 from ueo.clip import calibrate_batchnorm, load_clip
 from ueo.data import load_image_set, make_loader

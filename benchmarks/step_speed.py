@@ -2,7 +2,7 @@
 
 The reference step is SPEC.md's step written plainly, as the authors' script does it: every
 prompt padded to the full text context and run through the whole text transformer each step,
-fp32, frozen weights without gradients. ueo's step is `ueo.adapt.training_step` on a model
+fp32, frozen weights without gradients. ueo's step is `ueo.adaptation.training_step` on a model
 built the way `ueo adapt` builds it (exact shortcuts in `ueo.prompts`, channels_last).
 
 Both start from the same random-init model (BatchNorm statistics calibrated on natural-looking
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ueo.adapt import AdaptConfig, make_optimizer, training_step
+from ueo.adaptation import AdaptConfig, make_optimizer, training_step
 from ueo.benchmarks import class_names
 from ueo.clip import calibrate_batchnorm, load_clip
 from ueo.model import UeoModel

@@ -11,7 +11,7 @@ import torch
 from conftest import CLASSES, UNKNOWN, draw, load_calibrated, make_folder
 from safetensors import safe_open
 
-from ueo.adapt import METHODS, AdaptConfig, adapt
+from ueo.adaptation import METHODS, AdaptConfig, adapt
 from ueo.api import load_adapted, save_run
 from ueo.cli import main
 from ueo.data import load_image_set

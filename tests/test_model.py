@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import calibration_batch, load_calibrated
 
-from ueo.adapt import AdaptConfig, make_optimizer, training_step
+from ueo.adaptation import AdaptConfig, make_optimizer, training_step
 from ueo.errors import UeoError
 from ueo.model import CTX_NAME
 from ueo.objectives import entmin_loss, mcm_score, ueo_loss

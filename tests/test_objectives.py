@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ueo.adapt import ORACLE_OOD_WEIGHT, objective, sample_weights
+from ueo.adaptation import ORACLE_OOD_WEIGHT, objective, sample_weights
 from ueo.data import OOD, UNLABELED
 from ueo.errors import UeoError
 from ueo.objectives import entmin_loss, entropy, infomax_loss, mcm_score, ueo_loss

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ueo import __version__
-from ueo.adapt import AdaptConfig, AdaptResult, adapt
+from ueo.adaptation import AdaptConfig, AdaptResult, adapt
 from ueo.clip import load_clip
 from ueo.data import BadImages, ImageSet
 from ueo.errors import UeoError

@@ -59,7 +59,7 @@ def _add_data_args(p: argparse.ArgumentParser, flag: str = "--data") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ueo.adapt import METHODS, AdaptConfig
+    from ueo.adaptation import METHODS, AdaptConfig
     from ueo.prompts import DEFAULT_CTX_INIT
 
     d = AdaptConfig()
@@ -162,7 +162,7 @@ def _add_protocol_commands(sub) -> None:
 
 
 def _add_bench_command(sub) -> None:
-    from ueo.adapt import AdaptConfig
+    from ueo.adaptation import AdaptConfig
 
     d = AdaptConfig()
     p = sub.add_parser("bench", help="run a benchmark grid: domains x scenarios x methods x seeds")
@@ -217,7 +217,7 @@ def _setup_logging(quiet: bool) -> io.StringIO:
 
 
 def cmd_adapt(args) -> int:
-    from ueo.adapt import AdaptConfig, adapt
+    from ueo.adaptation import AdaptConfig, adapt
     from ueo.api import load_model, save_run
     from ueo.data import load_image_set, parse_classes
     from ueo.io import write_text
@@ -406,7 +406,7 @@ def _ranges(values: list[int]) -> str:
 
 
 def cmd_bench(args) -> int:
-    from ueo.adapt import AdaptConfig
+    from ueo.adaptation import AdaptConfig
     from ueo.data import parse_classes
     from ueo.sweep import SweepOptions, bench, benchmark_suite, folder_suite, status
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ueo.adapt import AdaptConfig
+from ueo.adaptation import AdaptConfig
 from ueo.benchmarks import custom_scenario_split
 from ueo.data import load_image_set
 from ueo.plots import histogram_plot, roc_plot

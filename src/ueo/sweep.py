@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ueo.adapt import METHODS, AdaptConfig, adapt
+from ueo.adaptation import METHODS, AdaptConfig, adapt
 from ueo.api import save_run
 from ueo.benchmarks import SCENARIOS, custom_scenario_split, dataset_info, scenario_split
 from ueo.clip import LoadedClip, load_clip
