@@ -314,6 +314,24 @@ def test_missing_weights_offline(capsys, monkeypatch, tmp_path, image_folder, cl
     assert not logging.root.handlers
 
 
+def test_missing_weights_without_network_fails_fast(
+    capsys, monkeypatch, tmp_path, image_folder, classes_file
+):
+    """Not offline by setting, but the hub is unreachable: one error, no minute of retries."""
+    import huggingface_hub.constants as hf
+
+    empty = tmp_path / "empty_cache"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(empty / "hub"))
+    monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    argv = cli("eval --zeroshot --model RN50 --pretrained openai --classes", classes_file)
+    msg = error_of(capsys, argv + cli("--data", image_folder), only_line=True)
+    # The connection probe answered, not the hub client after its retries.
+    assert "cannot be reached" in msg and "RN50" in msg
+    assert hf.HF_HUB_OFFLINE is False  # restored
+
+
 @pytest.mark.parametrize(
     ("classes", "expected"),
     [

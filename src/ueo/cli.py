@@ -7,10 +7,15 @@ import csv
 import io
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ueo import __version__
 from ueo.errors import UeoError
+
+if TYPE_CHECKING:
+    from ueo.adaptation import AdaptConfig
 
 log = logging.getLogger("ueo")
 
@@ -217,7 +222,7 @@ def _setup_logging(quiet: bool) -> io.StringIO:
 
 
 def cmd_adapt(args) -> int:
-    from ueo.adaptation import AdaptConfig, adapt
+    from ueo.adaptation import adapt
     from ueo.api import load_model, save_run
     from ueo.data import load_image_set, parse_classes
     from ueo.io import write_text
@@ -229,22 +234,7 @@ def cmd_adapt(args) -> int:
         names = parse_classes(args.classes)
         unlabeled = load_image_set(args.data, names, args.data_root)
         test = load_image_set(args.test_data, names, args.data_root) if args.test_data else None
-        config = AdaptConfig(
-            method=args.method,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr_prompt=args.lr_prompt,
-            lr_norm=args.lr_norm,
-            trade=args.trade,
-            seed=args.seed,
-            device=args.device,
-            workers=args.workers,
-            precision=args.precision,
-            augment=args.augment,
-            on_bad_image=args.on_bad_image,
-            eval_batch_size=args.eval_batch_size,
-            compile=args.compile,
-        )
+        config = _config(args)
         config.validate()
         log.info(
             "ueo %s adapt: %s/%s, %d classes, %d unlabeled images, method %s",
@@ -442,19 +432,7 @@ def cmd_bench(args) -> int:
         seeds = [int(s) for s in _split(args.seeds)]
     except ValueError:
         raise UeoError(f"--seeds must be integers, not {args.seeds!r}.") from None
-    config = AdaptConfig(
-        epochs=epochs,
-        batch_size=args.batch_size,
-        lr_prompt=args.lr_prompt,
-        lr_norm=args.lr_norm,
-        trade=args.trade,
-        device=args.device,
-        workers=args.workers,
-        precision=args.precision,
-        augment=args.augment,
-        on_bad_image=args.on_bad_image,
-        eval_batch_size=args.eval_batch_size,
-    )
+    config = _config(args, epochs=epochs)
     config.validate()
     options = SweepOptions(
         scenarios=[s.upper() for s in _split(args.scenarios)],
@@ -488,6 +466,14 @@ def cmd_demo(args) -> int:
     print(table(results))
     print(f"\nwrote {args.out}/results.json, results.md, results.csv and plots/*.png")
     return 0
+
+
+def _config(args, **overrides) -> AdaptConfig:
+    """The adaptation settings named on the command line (every AdaptConfig field it has)."""
+    from ueo.adaptation import AdaptConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(AdaptConfig) if hasattr(args, f.name)}
+    return AdaptConfig(**{**given, **overrides})
 
 
 def _split(text: str | None) -> list[str] | None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -146,7 +148,7 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
     root.addHandler(silence)
     root.setLevel(logging.CRITICAL)
     try:
-        return open_clip.create_model(name, pretrained=tag)
+        return _create_cached_or_download(name, tag)
     except Exception as exc:  # download failures surface as RuntimeError, OSError, HTTP errors
         raise UeoError(
             f"Could not obtain weights for model {name}, tag '{tag}': {_first_line(exc)}. "
@@ -158,6 +160,31 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
     finally:
         root.removeHandler(silence)
         root.setLevel(level)
+
+
+def _create_cached_or_download(name: str, tag: str) -> torch.nn.Module:
+    """Cached weights first, without touching the network; download only if the hub answers.
+
+    Without this, an offline machine spends a minute in the hub client's retries before failing.
+    """
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        return open_clip.create_model(name, pretrained=tag)
+    except Exception:
+        if offline:
+            raise
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+    host = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
+    except OSError as exc:
+        reason = f"not in the local cache, and {host.hostname} cannot be reached ({exc})"
+        raise OSError(reason) from exc
+    return open_clip.create_model(name, pretrained=tag)
 
 
 def _first_line(exc: BaseException) -> str:

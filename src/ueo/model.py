@@ -65,8 +65,8 @@ class UeoModel(nn.Module):
             p.requires_grad_(norm)
 
     def use_channels_last(self) -> None:
-        """NHWC convolutions: faster for ResNet towers on recent CPUs and GPUs."""
-        if any(isinstance(m, nn.Conv2d) for m in self.net.visual.modules()):
+        """NHWC convolutions: faster for ResNet (BatchNorm) towers on CPUs and GPUs."""
+        if any(isinstance(m, nn.BatchNorm2d) for m in self.net.visual.modules()):
             self.net.visual.to(memory_format=torch.channels_last)
             self.channels_last = True
 
