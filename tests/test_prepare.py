@@ -176,3 +176,31 @@ def test_unknown_class_folder(office31: Path, tmp_path: Path) -> None:
 def test_unknown_domain_name(office31: Path, tmp_path: Path) -> None:
     with pytest.raises(UeoError, match="valid domains: amazon, dslr, webcam"):
         prepare_lists("office31", office31, tmp_path / "lists", domains=["Art"])
+
+
+def test_prepare_command(office31: Path, tmp_path: Path, capsys) -> None:
+    from ueo.cli import main
+
+    assert (
+        main(
+            [
+                "prepare",
+                "office31",
+                "--root",
+                str(office31),
+                "--out",
+                str(tmp_path / "l"),
+                "--domains",
+                "dslr",
+            ]
+        )
+        == 0
+    )
+    assert "dslr: 31 images" in capsys.readouterr().out
+    assert (
+        main(
+            ["prepare", "office31", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "l")]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err

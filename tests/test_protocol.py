@@ -169,3 +169,15 @@ def test_custom_split_errors(classes: int, known: int, scenario: str, message: s
 def test_protocol_json() -> None:
     data = json.loads(protocol_json("Office-31", "opda"))
     assert data == {"known": r(0, 24), "unlabeled": r(0, 14) + r(25, 27), "test": r(0, 30)}
+
+
+def test_protocol_command(capsys) -> None:
+    from ueo.cli import main
+
+    assert main(["protocol", "officehome", "--scenario", "opda", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == {"known": r(0, 49), "unlabeled": r(0, 34) + r(50, 59), "test": r(0, 64)}
+    assert main(["protocol", "domainnet", "--scenario", "ODA"]) == 0
+    assert "unlabeled: 0-329  (330 classes)" in capsys.readouterr().out
+    assert main(["protocol", "imagenet", "--scenario", "CDA"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
