@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,14 +18,21 @@ from ueo.errors import UeoError
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def atomic_path(path: str | os.PathLike) -> Path:
-    """A temporary sibling of `path` (usual file mode); rename it over `path` once written."""
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it replaces `path` in one step
+    (with the usual file mode), on failure it is removed: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return Path(tmp)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -34,12 +43,8 @@ def _umask() -> int:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text so readers never see a half-written file."""
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Path(path)
 
 
@@ -59,13 +64,9 @@ def _jsonable(obj):
 
 def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
     """Only the tuned tensors, with everything needed to rebuild the model in the metadata."""
-    tmp = atomic_path(path)
-    try:
-        flat = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    flat = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_write(path) as tmp:
         save_file(flat, str(tmp), metadata={"ueo": json.dumps(metadata, default=_jsonable)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Path(path)
 
 

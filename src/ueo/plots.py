@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ueo.io import atomic_path  # noqa: E402
+from ueo.io import atomic_write  # noqa: E402
 
 TABLE_METRICS = ("acc", "auroc", "h")
 METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95", "h": "H-score"}
@@ -22,11 +22,10 @@ METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95
 
 def save_figure(fig, path: Path) -> Path:
     """PNG written atomically."""
-    tmp = atomic_path(path)
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ueo.errors import UeoError
+from ueo.io import write_json
 from ueo.testbed import CLASS_NAMES, KNOWN, source_arrays
 from ueo.zoo import (
     BUNDLED,
@@ -185,12 +185,6 @@ def source_zero_shot(model: torch.nn.Module, model_name: str) -> dict[str, float
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Pretrain one bundled model and write its checkpoint and recipe file."""
     parser = argparse.ArgumentParser(
@@ -276,7 +270,7 @@ def _run(args: argparse.Namespace) -> None:
         "train_seconds": round(seconds, 1),
         "zero_shot_source_test": zero_shot,
     }
-    _write_json(weights.with_suffix(".json"), recipe)
+    write_json(weights.with_suffix(".json"), recipe)
     summary = ("file_bytes", "train_seconds", "zero_shot_source_test")
     print(json.dumps({k: recipe[k] for k in summary}))
 

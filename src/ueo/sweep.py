@@ -27,7 +27,7 @@ from ueo.clip import LoadedClip, load_clip
 from ueo.data import OOD, ImageSet, load_image_set, normalize_name
 from ueo.errors import UeoError
 from ueo.inference import Outputs, infer
-from ueo.io import atomic_path
+from ueo.io import atomic_write
 from ueo.model import UeoModel, norm_parameters
 from ueo.runtime import resolve_device
 
@@ -300,9 +300,8 @@ def _shared_zeroshot(cache, model, domain, names, unlabeled, test, options, devi
 
 def _save_scores(path: Path, result, test: ImageSet) -> None:
     """Per-image test scores before and after adaptation, for ROC curves and histograms."""
-    tmp = atomic_path(path)
     zs, ad = result.outputs["zeroshot"]["test"], result.outputs["adapted"]["test"]
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(
             f,
             label=test.labels,
@@ -312,7 +311,6 @@ def _save_scores(path: Path, result, test: ImageSet) -> None:
             adapted_score=ad.score,
             adapted_pred=ad.pred,
         )
-    tmp.replace(path)
 
 
 def load_scores(run_dir: Path) -> dict[str, np.ndarray]:

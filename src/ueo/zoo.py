@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ueo.clip import test_transform
 from ueo.errors import UeoError
+from ueo.io import atomic_write
 
 BUNDLED = ("ueo-tiny-rn", "ueo-tiny-vit")
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -125,10 +125,8 @@ def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
         k: (v.half() if k in FP16_TENSORS else v).detach().cpu().contiguous()
         for k, v in model.state_dict().items()
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, tmp)
-    os.chmod(tmp, 0o644)  # package data: readable by every user, like the rest of the package
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(state, tmp)
 
 
 def image_size(model: torch.nn.Module) -> int:
