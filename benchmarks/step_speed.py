@@ -225,6 +225,20 @@ def matmul_rate(device: torch.device, precision: str, n: int = 8192, reps: int =
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def _low_precision_summary(rec: dict, precision: str) -> str:
+    """The autocast figures of a GPU run: images/s and the fraction of the matmul peak."""
+    if f"images_per_s_ueo_{precision}" not in rec:
+        return ""
+    text = f"; {precision}: {rec[f'images_per_s_ueo_{precision}']} images/s"
+    if "fraction_of_matmul_peak" in rec:
+        text += (
+            f", {rec[f'achieved_tflops_{precision}']} TFLOP/s = "
+            f"{100 * rec['fraction_of_matmul_peak']:.1f}% of the card's {precision} matmul "
+            f"rate ({rec['matmul_peak_tflops']} TFLOP/s)"
+        )
+    return text
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -280,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"|dloss| {rec['max_abs_loss_diff_3_steps']:.1e}, |dparam| "
                 f"{rec['max_abs_param_diff_after_3_steps']:.1e} (params moved "
                 f"{rec['max_abs_param_change_after_3_steps']:.1e}); step memory MiB "
-                f"{rec['step_memory_mib']}",
+                f"{rec['step_memory_mib']}; {rec['images_per_s_ueo']} images/s"
+                + _low_precision_summary(rec, args.precision),
                 flush=True,
             )
     return 0
