@@ -54,7 +54,6 @@ def bench_args(root, out, *extra):
         "0",
         "--device",
         "cpu",
-        "--quiet",
         "--out",
         str(out),
         *extra,
@@ -86,6 +85,10 @@ def test_bench_grid_report_and_resume(officehome, tmp_path, monkeypatch, capsys)
     oda_metrics = json.loads((out / "runs/Art/ODA/ueo/seed1/metrics.json").read_text())
     assert oda_metrics["adapted"]["unlabeled"]["n_ood"] == sum(1 + i % 2 for i in range(50, 60))
     assert (out / "runs/Art/ODA/ueo/seed2/adapter.safetensors").is_file()
+    # Each cell has its log, epochs included; the terminal got no per-epoch lines.
+    assert "epoch 1/1 loss" in (out / "runs/Art/ODA/ueo/seed2/log.txt").read_text()
+    err = capsys.readouterr().err
+    assert "[16/16] Clipart ODA ueo seed 2" in err and "epoch 1/1 loss" not in err
 
     md = (out / "results.md").read_text()
     assert "## ODA — AUROC" in md and "| Art | Clipart | Avg |" in md and " ± " in md

@@ -20,6 +20,7 @@ from ueo.objectives import entmin_loss, infomax_loss, mcm_score, ueo_loss
 from ueo.runtime import autocast, resolve_device, seed_everything
 
 log = logging.getLogger("ueo")
+epoch_log = logging.getLogger("ueo.epochs")  # per-epoch lines; sweeps keep them off the terminal
 
 METHODS = ("zeroshot", "entmin", "infomax", "ueo", "ueo-oracle")
 ORACLE_OOD_WEIGHT = 1e-3
@@ -263,5 +264,5 @@ def _train(model, unlabeled, weights, optimizer, config, device, bad, progress) 
         history.append(record)
         lr_text = " ".join(f"lr_{k}={v:.3g}" for k, v in lrs.items())
         loss_text = f"{record['loss']:.5f}" if losses else "n/a"
-        log.info("epoch %d/%d loss %s %s", epoch, config.epochs, loss_text, lr_text)
+        epoch_log.info("epoch %d/%d loss %s %s", epoch, config.epochs, loss_text, lr_text)
     return history

@@ -206,19 +206,20 @@ def _add_bench_command(sub) -> None:
     _add_runtime_args(p)
 
 
-def _setup_logging(quiet: bool) -> io.StringIO:
-    """Log to stderr and to a buffer that becomes log.txt when the run ends."""
-    buffer = io.StringIO()
+def _setup_logging(quiet: bool, epochs: bool = True) -> None:
+    """Log to stderr; `epochs=False` keeps per-epoch lines of sweeps off the terminal."""
+    from ueo.runtime import LOG_FORMAT
+
     log.setLevel(logging.INFO)
     log.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr), logging.StreamHandler(buffer)):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LOG_FORMAT)
     if quiet:
-        log.handlers[0].setLevel(logging.WARNING)
+        handler.setLevel(logging.WARNING)
+    if not epochs:
+        handler.addFilter(lambda record: record.name != "ueo.epochs")
+    log.addHandler(handler)
     log.propagate = False
-    return buffer
 
 
 def cmd_adapt(args) -> int:
@@ -227,47 +228,49 @@ def cmd_adapt(args) -> int:
     from ueo.data import load_image_set, parse_classes
     from ueo.io import write_text
     from ueo.reports import metrics_table
+    from ueo.runtime import captured_log
 
-    buffer = _setup_logging(args.quiet)
+    _setup_logging(args.quiet)
     out = Path(args.out)
-    try:
-        names = parse_classes(args.classes)
-        unlabeled = load_image_set(args.data, names, args.data_root)
-        test = load_image_set(args.test_data, names, args.data_root) if args.test_data else None
-        config = _config(args)
-        config.validate()
-        log.info(
-            "ueo %s adapt: %s/%s, %d classes, %d unlabeled images, method %s",
-            __version__,
-            args.model,
-            args.pretrained,
-            len(names),
-            len(unlabeled),
-            args.method,
-        )
-        model = load_model(
-            args.model, args.pretrained, names, args.n_ctx, args.ctx_init or None, args.device
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        result = adapt(model, unlabeled, config, test, progress=not args.quiet)
-        record = save_run(
-            out,
-            model,
-            result,
-            {
-                "model": args.model,
-                "pretrained": args.pretrained,
-                "data": args.data,
-                "test_data": args.test_data,
-                "n_ctx": model.prompt.n_ctx,
-                "ctx_init": args.ctx_init,
-            },
-        )
-        print(metrics_table(record))
-        log.info("wrote %s (%.1f s)", out, result.wall_time_s)
-    finally:
-        if out.is_dir():
-            write_text(out / "log.txt", buffer.getvalue())
+    with captured_log() as buffer:
+        try:
+            names = parse_classes(args.classes)
+            unlabeled = load_image_set(args.data, names, args.data_root)
+            test = load_image_set(args.test_data, names, args.data_root) if args.test_data else None
+            config = _config(args)
+            config.validate()
+            log.info(
+                "ueo %s adapt: %s/%s, %d classes, %d unlabeled images, method %s",
+                __version__,
+                args.model,
+                args.pretrained,
+                len(names),
+                len(unlabeled),
+                args.method,
+            )
+            model = load_model(
+                args.model, args.pretrained, names, args.n_ctx, args.ctx_init or None, args.device
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            result = adapt(model, unlabeled, config, test, progress=not args.quiet)
+            record = save_run(
+                out,
+                model,
+                result,
+                {
+                    "model": args.model,
+                    "pretrained": args.pretrained,
+                    "data": args.data,
+                    "test_data": args.test_data,
+                    "n_ctx": model.prompt.n_ctx,
+                    "ctx_init": args.ctx_init,
+                },
+            )
+            print(metrics_table(record))
+            log.info("wrote %s (%.1f s)", out, result.wall_time_s)
+        finally:
+            if out.is_dir():
+                write_text(out / "log.txt", buffer.getvalue())
     return 0
 
 
@@ -400,7 +403,7 @@ def cmd_bench(args) -> int:
     from ueo.data import parse_classes
     from ueo.sweep import SweepOptions, bench, benchmark_suite, folder_suite, status
 
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, epochs=False)
     out = Path(args.out)
     if bool(args.dataset) == bool(args.data):
         raise UeoError("Give either --dataset (with --root) or --data (with --classes, --known).")
@@ -461,7 +464,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from ueo.demo import run_demo, table
 
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, epochs=False)
     results = run_demo(args.out, args.quick, args.model, args.device, not args.quiet)
     print(table(results))
     print(f"\nwrote {args.out}/results.json, results.md, results.csv and plots/*.png")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -42,3 +45,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+@contextlib.contextmanager
+def captured_log(name: str = "ueo") -> Iterator[io.StringIO]:
+    """What `name` and its children log (INFO and up) while the block runs: a run's log.txt."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(LOG_FORMAT)
+    logger = logging.getLogger(name)
+    level = logger.level
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield buffer
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

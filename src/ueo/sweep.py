@@ -27,9 +27,9 @@ from ueo.clip import LoadedClip, load_clip
 from ueo.data import OOD, ImageSet, load_image_set, normalize_name
 from ueo.errors import UeoError
 from ueo.inference import Outputs, infer
-from ueo.io import atomic_write
+from ueo.io import atomic_write, write_text
 from ueo.model import UeoModel, norm_parameters
-from ueo.runtime import resolve_device
+from ueo.runtime import captured_log, resolve_device
 
 log = logging.getLogger("ueo")
 
@@ -259,11 +259,13 @@ def run_suite(
         )
         config = replace(copy.deepcopy(options.config), method=cell.method, seed=cell.seed)
         start = time.perf_counter()
-        result = adapt(model, unlabeled, config, test, zs, progress=options.progress)
+        with captured_log() as cell_log:
+            result = adapt(model, unlabeled, config, test, zs, progress=options.progress)
+            log.info("  done in %.1f s", time.perf_counter() - start)
         extra = {"cell": cell.__dict__, "suite": suite.name, "recipe": recipe}
+        write_text(cell.path(out) / "log.txt", cell_log.getvalue())
         _save_scores(cell.path(out) / SCORES_FILE, result, test)
         record = save_run(cell.path(out), model, result, extra)
-        log.info("  done in %.1f s", time.perf_counter() - start)
         results.append((cell, record))
         if on_cell:
             on_cell(cell, record, False)
