@@ -4,7 +4,7 @@ It is `ueo bench` on the testbed (ueo.testbed): same grid runner, same report, p
 figures that show what adaptation does to OOD detection (ROC curves, MCM histograms).
 
 The demo recipe differs from the reference recipe in two settings, fixed before any result
-was seen: the testbed's target domains hold ~1k unlabeled images, so an epoch is a handful of
+was seen: a testbed target domain holds 570 unlabeled images, so an epoch is a handful of
 steps, and the learning rate is 10x the reference (1e-3) with fewer epochs, to take a
 comparable number of lr-weighted steps in seconds. Everything else is SPEC.md's recipe.
 """

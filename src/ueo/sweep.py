@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,7 +211,6 @@ def run_suite(
     suite: Suite,
     options: SweepOptions,
     out: str | Path,
-    on_cell: Callable[[Cell, dict, bool], None] | None = None,
 ) -> list[tuple[Cell, dict]]:
     """Run every missing cell; complete cells are read back, so a sweep resumes where it stopped.
 
@@ -223,15 +221,13 @@ def run_suite(
     device = resolve_device(options.config.device)
     clip: LoadedClip | None = None
     pristine: dict[str, torch.Tensor] = {}
-    zeroshot_cache: dict[tuple, dict[str, Outputs]] = {}
+    zeroshot_cache: dict[tuple, tuple[dict[str, int], Outputs]] = {}
     results = []
     recipe = recipe_hash(options)
     for n, cell in enumerate(cells, 1):
         if is_done(cell, out, recipe):
             record = json.loads((cell.path(out) / METRICS_FILE).read_text())
             results.append((cell, record))
-            if on_cell:
-                on_cell(cell, record, True)
             continue
         if clip is None:
             clip = load_clip(options.model, options.pretrained, device)
@@ -267,8 +263,6 @@ def run_suite(
         _save_scores(cell.path(out) / SCORES_FILE, result, test)
         record = save_run(cell.path(out), model, result, extra)
         results.append((cell, record))
-        if on_cell:
-            on_cell(cell, record, False)
     return results
 
 
