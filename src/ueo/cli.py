@@ -310,7 +310,7 @@ def cmd_eval(args) -> int:
         not args.quiet,
     )
     record = {**source, "data": args.data, "metrics": metrics}
-    print(metrics_table({"adapted": {"eval": metrics}}))
+    print(metrics_table({"zeroshot" if args.zeroshot else "adapted": {"eval": metrics}}))
     if args.out:
         write_json(Path(args.out) / "metrics.json", record)
     return 0
