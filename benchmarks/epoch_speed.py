@@ -29,7 +29,7 @@ from ueo.benchmarks import class_names
 from ueo.clip import calibrate_batchnorm, load_clip
 from ueo.data import load_image_set, make_loader
 from ueo.model import UeoModel
-from ueo.runtime import resolve_device
+from ueo.runtime import PRECISIONS, resolve_device
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> Path:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--max-steps", type=int, default=None, help="cut the epoch (slow CPUs)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

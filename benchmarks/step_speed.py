@@ -34,7 +34,7 @@ from ueo.benchmarks import class_names
 from ueo.clip import calibrate_batchnorm, load_clip
 from ueo.model import UeoModel
 from ueo.objectives import mcm_score, ueo_loss
-from ueo.runtime import resolve_device
+from ueo.runtime import PRECISIONS, resolve_device
 
 CASES = [("RN50", 345), ("RN50", 65), ("ViT-B-16", 345), ("ViT-B-16", 65)]
 CLASS_LISTS = {345: "domainnet", 65: "officehome"}
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16"],
+        choices=list(PRECISIONS),
         help="also time ueo's step under this autocast precision (GPU)",
     )
     p.add_argument("--json", action="store_true", help="print JSON lines only")

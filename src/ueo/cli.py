@@ -35,12 +35,14 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from ueo.runtime import PRECISIONS
+
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes (default 4)")
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16"],
+        choices=list(PRECISIONS),
         help="autocast precision; parameters and loss stay fp32 (default fp32)",
     )
     p.add_argument("--eval-batch-size", type=int, default=256, help="inference batch (default 256)")

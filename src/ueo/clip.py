@@ -19,6 +19,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision import transforms as T
 
 from ueo.errors import UeoError
+from ueo.runtime import quiet_root_logger
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def load_clip(
             stacklevel=2,
         )
         log.warning("Using RANDOM weights for %s (--pretrained none)", name)
-        net = open_clip.create_model(name, pretrained=None)
+        with quiet_root_logger():
+            net = open_clip.create_model(name, pretrained=None)
     elif os.path.isfile(pretrained):
         net = _create_from_file(name, pretrained)
     else:
@@ -140,15 +142,9 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
             f"Tags for {name}: {available}. Or pass a local checkpoint file, `bundled` "
             f"or `none`."
         )
-    # open_clip logs a failed download with logging.error() on the root logger, which also
-    # installs a stderr handler when the root logger has none: our one-line error says it all.
-    root = logging.getLogger()
-    level = root.level
-    silence = logging.NullHandler()
-    root.addHandler(silence)
-    root.setLevel(logging.CRITICAL)
     try:
-        return _create_cached_or_download(name, tag)
+        with quiet_root_logger():  # our one-line error says what open_clip's log would
+            return _create_cached_or_download(name, tag)
     except Exception as exc:  # download failures surface as RuntimeError, OSError, HTTP errors
         raise UeoError(
             f"Could not obtain weights for model {name}, tag '{tag}': {_first_line(exc)}. "
@@ -157,9 +153,6 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
             f"file instead: --pretrained /path/to/{name}-{tag}.safetensors (or copy the hub "
             "cache folder)."
         ) from exc
-    finally:
-        root.removeHandler(silence)
-        root.setLevel(level)
 
 
 def _create_cached_or_download(name: str, tag: str) -> torch.nn.Module:

@@ -66,3 +66,19 @@ def captured_log(name: str = "ueo") -> Iterator[io.StringIO]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """Silence open_clip's messages, which go to the root logger (and, with no handler there,
+    make `logging` install one on stderr): ueo says what matters in its own words."""
+    root = logging.getLogger()
+    level = root.level
+    silence = logging.NullHandler()
+    root.addHandler(silence)
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.removeHandler(silence)
+        root.setLevel(level)

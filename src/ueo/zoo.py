@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from ueo.clip import test_transform
 from ueo.errors import UeoError
 from ueo.io import atomic_write
+from ueo.runtime import quiet_root_logger
 
 BUNDLED = ("ueo-tiny-rn", "ueo-tiny-vit")
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -83,13 +83,8 @@ def sha256_file(path: Path) -> str:
 def create_tiny_model(model_name: str) -> torch.nn.Module:
     """A randomly initialised tiny model, without open_clip's 'no pretrained weights' warning."""
     register_tiny_models()
-    openclip_log = logging.getLogger()
-    level = openclip_log.level
-    openclip_log.setLevel(logging.ERROR)
-    try:
+    with quiet_root_logger():
         return open_clip.create_model(model_name, pretrained=None)
-    finally:
-        openclip_log.setLevel(level)
 
 
 def load_bundled(model_name: str) -> torch.nn.Module:
