@@ -1,14 +1,24 @@
 """ueo: realistic unsupervised fine-tuning of CLIP-style models with Universal Entropy Optimization.
 
-`from ueo import load_model, adapt, evaluate, predict` gives the Python API (see ueo.api);
-it is imported on first use so that `import ueo` stays cheap.
+`from ueo import load_model, adapt, evaluate, predict` gives the Python API (see ueo.api,
+and ueo.jobs for what each command does); it is imported on first use so that `import ueo`
+and the command line's parser stay free of torch.
 """
+
+import os
 
 __version__ = "0.1.0"
 
+# OpenMP threads that spin while waiting for each other collapse when another process holds
+# a core (measured: a tiny model's forward 10-20x slower with two spinning threads on two
+# busy cores); sleeping waits cost nothing when the cores are free. It must be set before
+# PyTorch starts its thread pool, so it is set here, unless the user chose a policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 _API = (
-    "AdaptConfig",
     "AdaptResult",
+    "Recipe",
+    "Runtime",
     "adapt",
     "evaluate",
     "load_adapted",

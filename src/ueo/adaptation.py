@@ -1,61 +1,34 @@
-"""The adaptation loop: UEO and its baselines on unlabeled images (SPEC.md's recipe)."""
+"""The adaptation loop: a registered method trained on unlabeled images (docs/spec.md).
+
+`adapt` runs the zero-shot model once over the unlabeled set (the method's fixed per-sample
+values come from it), trains the tuned groups with plain SGD and a cosine schedule, and
+evaluates before and after. It changes the model's tuned tensors in place and nothing else.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ueo.data import OOD, UNLABELED, BadImages, ImageSet, make_loader
+from ueo.data import BadImages, ImageSet, make_loader
 from ueo.errors import UeoError
-from ueo.inference import Outputs, infer, metrics_of
+from ueo.inference import Outputs, infer, metrics_of, workers_of
+from ueo.methods import TRAIN_MASK, Batch, Method, get_method
 from ueo.metrics import otsu_threshold
-from ueo.model import UeoModel
-from ueo.objectives import entmin_loss, infomax_loss, mcm_score, ueo_loss
+from ueo.model import UeoModel, tuning
+from ueo.objectives import LOGIT_SCALE
+from ueo.recipe import Recipe, Runtime
 from ueo.runtime import autocast, resolve_device, seed_everything
 
 log = logging.getLogger("ueo")
 epoch_log = logging.getLogger("ueo.epochs")  # per-epoch lines; sweeps keep them off the terminal
-
-METHODS = ("zeroshot", "entmin", "infomax", "ueo", "ueo-oracle")
-ORACLE_OOD_WEIGHT = 1e-3
-LOGIT_SCALE = 100.0
-
-
-@dataclass
-class AdaptConfig:
-    """The reference recipe's defaults (SPEC.md); every field is a CLI option."""
-
-    method: str = "ueo"
-    epochs: int = 50
-    batch_size: int = 64
-    lr_prompt: float = 1e-4
-    lr_norm: float = 1e-4
-    trade: float = 1.0
-    seed: int = 2023
-    device: str = "auto"
-    workers: int = 4
-    precision: str = "fp32"
-    augment: str = "default"
-    on_bad_image: str = "skip"
-    eval_batch_size: int = 256
-    compile: bool = False
-    channels_last: bool = True
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UeoError(f"Unknown method '{self.method}'; choose from {', '.join(METHODS)}.")
-        if self.augment not in ("default", "none"):
-            raise UeoError("--augment must be 'default' or 'none'.")
-        if self.epochs < 0 or self.batch_size < 1 or self.workers < 0:
-            raise UeoError("--epochs and --workers must be >= 0 and --batch-size >= 1.")
-        if self.lr_prompt < 0 or self.lr_norm < 0:
-            raise UeoError("Learning rates must be >= 0 (0 disables a group).")
 
 
 @dataclass
@@ -64,79 +37,50 @@ class AdaptResult:
 
     metrics: dict
     threshold: float
+    recipe: Recipe
     history: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
     skipped_images: int = 0
-    config: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict, repr=False)
-
-
-def sample_weights(method: str, zeroshot_cos: np.ndarray, labels: np.ndarray) -> torch.Tensor:
-    """Per-sample weights fixed before training: MCM of the zero-shot model (T = 1) for UEO."""
-    n = len(labels)
-    if method == "ueo":
-        return mcm_score(torch.from_numpy(np.nan_to_num(zeroshot_cos)))
-    if method == "ueo-oracle":
-        if (labels == UNLABELED).any():
-            raise UeoError("ueo-oracle uses labels to weight samples; the data carries none.")
-        return torch.where(torch.from_numpy(labels) == OOD, ORACLE_OOD_WEIGHT, 1.0).float()
-    return torch.ones(n)
-
-
-def objective(
-    method: str, logits: torch.Tensor, weights: torch.Tensor, trade: float
-) -> torch.Tensor:
-    if method in ("ueo", "ueo-oracle"):
-        return ueo_loss(logits, weights, trade)
-    if method == "infomax":
-        return infomax_loss(logits, trade)
-    if method == "entmin":
-        return entmin_loss(logits)
-    raise UeoError(f"Method '{method}' has no training objective.")
-
-
-def make_optimizer(model: UeoModel, config: AdaptConfig) -> torch.optim.Optimizer | None:
-    """Plain SGD with two groups (context, norm affines); a group with lr 0 is frozen."""
-    tune_prompt = config.lr_prompt > 0
-    tune_norm = config.lr_norm > 0 and bool(model.norm_parameters())
-    model.set_tuned(tune_prompt, tune_norm)
-    groups = []
-    if tune_prompt:
-        groups.append({"params": [model.prompt.ctx], "lr": config.lr_prompt, "name": "prompt"})
-    if tune_norm:
-        norm = list(model.norm_parameters().values())
-        groups.append({"params": norm, "lr": config.lr_norm, "name": "norm"})
-    if not groups:
-        return None
-    return torch.optim.SGD(
-        groups, lr=config.lr_prompt or config.lr_norm, momentum=0.0, weight_decay=0.0
-    )
 
 
 def training_step(
     model: UeoModel,
     images: torch.Tensor,
-    weights: torch.Tensor,
+    fixed: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    method: str = "ueo",
-    trade: float = 1.0,
-    precision: str = "fp32",
+    method: Method,
+    recipe: Recipe,
     scaler: torch.amp.GradScaler | None = None,
     text: torch.Tensor | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """One SGD step of SPEC.md: logits = 100 * cos, loss in fp32. Returns the loss."""
+    """One SGD step: logits = 100 * cos, the method's loss in fp32. Returns the loss.
+
+    `text` holds precomputed text features when the prompt is frozen; `encode` replaces
+    `model.image_features` (a compiled version of it, for instance).
+    """
     device = images.device
+    encode = encode or model.image_features
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, precision):
+    with autocast(device, recipe.precision):
         if text is None:
             text = model.text_features()
-        if any(p.requires_grad for p in model.norm_parameters().values()):
-            feats = model.image_features(images)
+        if any(p.requires_grad for p in model.norm_parameters(recipe.norm_layers).values()):
+            feats = encode(images)
         else:
             with torch.no_grad():
-                feats = model.image_features(images)
+                feats = encode(images)
         logits = LOGIT_SCALE * (feats.float() @ text.float().t())
-    loss = objective(method, logits.float(), weights.to(device), trade)
+    batch = Batch(
+        logits=logits.float(),
+        image_features=feats.float(),
+        text_features=text.float(),
+        fixed={k: v.to(device) for k, v in fixed.items()},
+        recipe=recipe,
+    )
+    loss = method.loss(batch)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -150,119 +94,152 @@ def training_step(
 def adapt(
     model: UeoModel,
     unlabeled: ImageSet,
-    config: AdaptConfig | None = None,
+    recipe: Recipe | None = None,
+    runtime: Runtime | None = None,
+    *,
     test: ImageSet | None = None,
     zeroshot: dict[str, Outputs] | None = None,
-    progress: bool = True,
 ) -> AdaptResult:
     """Adapt `model` in place on `unlabeled` images and evaluate before and after.
 
     `zeroshot` may hold precomputed zero-shot `Outputs` for "unlabeled" and "test", so that a
     sweep shares one zero-shot pass between methods.
     """
-    config = config or AdaptConfig()
-    config.validate()
+    recipe = (recipe or Recipe()).validate()
+    runtime = (runtime or Runtime()).validate()
+    method = get_method(recipe.method)
+    _check_prompt(model, recipe)
     if not len(unlabeled):
         raise UeoError("The unlabeled set is empty.")
+    if method.needs_labels and not unlabeled.labelled:
+        raise UeoError(f"Method {method.name} uses labels; the unlabeled data carries none.")
     start = time.perf_counter()
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
+    seed_everything(recipe.seed)
+    device = resolve_device(runtime.device)
     model.to(device)
-    if config.channels_last:
-        model.use_channels_last()
-    bad = BadImages(config.on_bad_image)
+    bad = BadImages(runtime.on_bad_image)
     sets = {"unlabeled": unlabeled} if test is None else {"unlabeled": unlabeled, "test": test}
 
     def run(images: ImageSet, desc: str) -> Outputs:
-        return infer(
-            model,
-            images,
-            device,
-            config.eval_batch_size,
-            config.workers,
-            config.precision,
-            bad,
-            desc,
-            progress,
-        )
+        return infer(model, images, runtime, precision=recipe.precision, bad=bad, desc=desc)
 
     zs = dict(zeroshot or {})
     for name, images in sets.items():
         if name not in zs:
             zs[name] = run(images, f"zero-shot {name}")
     metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
+    curves = [{"epoch": 0, **metrics["zeroshot"]}]
     history: list[dict] = []
-    optimizer = None if config.method == "zeroshot" else make_optimizer(model, config)
-    if optimizer is not None and config.epochs > 0:
-        weights = sample_weights(config.method, zs["unlabeled"].cos, unlabeled.labels)
-        history = _train(model, unlabeled, weights, optimizer, config, device, bad, progress)
+    final = zs
+
+    def evaluate_epoch(epoch: int) -> None:
+        """Learning curves: the sets evaluated every `runtime.eval_every` epochs."""
+        if runtime.eval_every and epoch % runtime.eval_every == 0 and epoch < recipe.epochs:
+            outs = {k: run(v, f"epoch {epoch} {k}") for k, v in sets.items()}
+            curves.append({"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}})
+
+    with tuning(model, recipe) as groups:
+        if method.trains and groups and recipe.epochs > 0:
+            fixed = {}
+            if method.fixed is not None:
+                cos = torch.from_numpy(zs["unlabeled"].cos)
+                fixed = method.fixed(cos, torch.from_numpy(unlabeled.labels), recipe)
+            history = _train(
+                model, unlabeled, fixed, groups, method, recipe, runtime, bad, evaluate_epoch
+            )
+    if history:
         final = {k: run(v, f"adapted {k}") for k, v in sets.items()}
-    else:
-        final = zs
-    model.set_tuned(False, False)
     metrics["adapted"] = {k: metrics_of(final[k], v) for k, v in sets.items()}
+    if history:
+        curves.append({"epoch": recipe.epochs, **metrics["adapted"]})
     valid = final["unlabeled"].valid
     threshold = otsu_threshold(final["unlabeled"].score[valid]) if valid.any() else 0.0
     return AdaptResult(
         metrics=metrics,
         threshold=threshold,
+        recipe=recipe,
         history=history,
+        curves=curves,
         wall_time_s=time.perf_counter() - start,
         skipped_images=len(bad),
-        config=asdict(config),
         outputs={"zeroshot": zs, "adapted": final},
     )
 
 
-def _train(model, unlabeled, weights, optimizer, config, device, bad, progress) -> list[dict]:
+def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
+    """The model's prompt must be the one the recipe describes (it is built with the model)."""
+    prompt = model.prompt
+    if prompt.ctx_init != recipe.ctx_init.strip() or (
+        recipe.n_ctx is not None and recipe.n_ctx != prompt.n_ctx
+    ):
+        raise UeoError(
+            f"The model's prompt (ctx_init {prompt.ctx_init!r}, {prompt.n_ctx} tokens) is not "
+            f"the recipe's (ctx_init {recipe.ctx_init!r}, n_ctx {recipe.n_ctx}); build the model "
+            "with the recipe: load_model(..., recipe=recipe)."
+        )
+
+
+def _train(
+    model, unlabeled, fixed, groups, method, recipe, runtime, bad, after_epoch
+) -> list[dict]:
+    device = resolve_device(runtime.device)
+    if TRAIN_MASK in fixed:
+        keep = fixed[TRAIN_MASK].cpu().numpy().astype(bool)
+        if not keep.any():
+            raise UeoError(f"Method {method.name} selected no unlabeled image to train on.")
+        unlabeled = unlabeled.subset(keep)
+        fixed = {k: v[torch.from_numpy(keep)] for k, v in fixed.items()}
     transform = (
-        model.clip.train_transform() if config.augment == "default" else model.clip.test_transform()
+        model.clip.train_transform() if recipe.augment == "default" else model.clip.test_transform()
     )
     loader = make_loader(
-        unlabeled, transform, config.batch_size, True, config.workers, device, seed=config.seed
+        unlabeled, transform, recipe.batch_size, True, workers_of(runtime), device, recipe.seed
     )
-    total = config.epochs * len(loader)
+    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
+    total = recipe.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
-    fp16 = config.precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
     frozen_text = None
     if not model.prompt.ctx.requires_grad:
-        with torch.no_grad(), autocast(device, config.precision):
+        with torch.no_grad(), autocast(device, recipe.precision):
             frozen_text = model.text_features()
-    if config.compile:
-        model.net.visual.forward = torch.compile(model.net.visual.forward)
+    encode = torch.compile(model.image_features) if runtime.compile else None
     history = []
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, recipe.epochs + 1):
         losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
-        for x, idx, errors in bar:
-            for i, msg in errors:
-                bad.report(i, msg)
-            if x is None:
-                continue
-            loss = training_step(
-                model,
-                x.to(device, non_blocking=True),
-                weights[idx],
-                optimizer,
-                config.method,
-                config.trade,
-                config.precision,
-                scaler,
-                frozen_text,
-            )
-            if not math.isfinite(loss):
-                raise UeoError(
-                    f"The loss became {loss} at epoch {epoch}; lower the learning "
-                    "rates or use --precision fp32/bf16."
+        desc = f"epoch {epoch}/{recipe.epochs}"
+        with tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar:
+            for x, idx, errors in loader:
+                bar.update()
+                for i, msg in errors:
+                    bad.report(i, msg)
+                if x is None:
+                    continue
+                loss = training_step(
+                    model,
+                    x.to(device, non_blocking=True),
+                    {k: v[idx] for k, v in fixed.items()},
+                    optimizer,
+                    method,
+                    recipe,
+                    scaler,
+                    frozen_text,
+                    encode,
                 )
-            scheduler.step()
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                if not math.isfinite(loss):
+                    raise UeoError(
+                        f"The loss became {loss} at epoch {epoch}; lower the learning "
+                        "rates or use --precision fp32/bf16."
+                    )
+                scheduler.step()
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "lr": lrs}
         history.append(record)
         lr_text = " ".join(f"lr_{k}={v:.3g}" for k, v in lrs.items())
         loss_text = f"{record['loss']:.5f}" if losses else "n/a"
-        epoch_log.info("epoch %d/%d loss %s %s", epoch, config.epochs, loss_text, lr_text)
+        epoch_log.info("epoch %d/%d loss %s %s", epoch, recipe.epochs, loss_text, lr_text)
+        with torch.no_grad():
+            after_epoch(epoch)
     return history

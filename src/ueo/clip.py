@@ -1,6 +1,9 @@
-"""Load a CLIP-style model from open_clip's zoo, a local file or the bundled tiny models.
+"""Load a CLIP-style model from open_clip's zoo, a local file or a registered weight source.
 
 One loader for every source means the demo exercises the same path as real CLIP weights.
+Other packages add architectures and weight tags through the `ueo.models` entry-point group:
+each entry is a function that calls `register_weights` (and `open_clip.add_model_config`);
+ueo's own demo registers its bundled tiny models (`--pretrained bundled`) that way.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ import logging
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,7 +30,20 @@ from ueo.runtime import quiet_root_logger
 log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = "none"
-BUNDLED_WEIGHTS = "bundled"
+PLUGIN_GROUP = "ueo.models"
+WEIGHT_SOURCES: dict[str, Callable[[str], torch.nn.Module]] = {}
+
+
+def register_weights(tag: str, loader: Callable[[str], torch.nn.Module]) -> None:
+    """Make `--pretrained tag` call `loader(model_name)`, which returns the network."""
+    WEIGHT_SOURCES[tag] = loader
+
+
+@cache
+def load_plugins() -> None:
+    """Run every `ueo.models` entry point once (they register architectures and weights)."""
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()()
 
 
 @dataclass
@@ -38,6 +57,7 @@ class LoadedClip:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    channels_last: bool = False
 
     def test_transform(self) -> T.Compose:
         return test_transform(self.image_size, self.mean, self.std)
@@ -47,7 +67,7 @@ class LoadedClip:
 
 
 def test_transform(size: int, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> T.Compose:
-    """Resize + centre crop (bicubic), SPEC.md's test transform: MCM weights, evaluation."""
+    """Resize + centre crop (bicubic), docs/spec.md's test transform: MCM weights, evaluation."""
     return T.Compose(
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
@@ -70,9 +90,18 @@ def train_transform(size: int, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
     )
 
 
+def list_models(tags: bool = False) -> list[tuple[str, list[str]]]:
+    """Every architecture open_clip knows (registered plugins included), with its weight tags."""
+    load_plugins()
+    return [
+        (name, open_clip.list_pretrained_tags_by_model(name) if tags else [])
+        for name in open_clip.list_models()
+    ]
+
+
 def canonical_model_name(name: str) -> str:
     """Accept OpenAI spellings (`ViT-B/16`) for open_clip names (`ViT-B-16`)."""
-    _register_bundled()
+    load_plugins()
     known = open_clip.list_models()
     candidates = [name, name.replace("/", "-")]
     for candidate in candidates:
@@ -87,25 +116,22 @@ def canonical_model_name(name: str) -> str:
     raise UeoError(f"Unknown model '{name}'.{hint} `ueo models` lists every architecture.")
 
 
-def _register_bundled() -> None:
-    from ueo import zoo
-
-    zoo.register_tiny_models()
-
-
 def load_clip(
-    model: str, pretrained: str = "openai", device: str | torch.device = "cpu"
+    model: str,
+    pretrained: str = "openai",
+    device: str | torch.device = "cpu",
+    channels_last: bool = True,
 ) -> LoadedClip:
     """Create the model named `model` with weights `pretrained`, frozen and in eval mode.
 
     `pretrained` is an open_clip tag (`openai`, `laion2b_s34b_b79k`, ...), a local checkpoint
-    file, `bundled` for ueo's tiny models, or `none` for random weights (tests only).
+    file, a registered source (`bundled` for ueo's tiny models), or `none` for random weights
+    (tests only). `channels_last` stores BatchNorm (ResNet) towers in NHWC, faster on CPUs
+    and GPUs; it is chosen here, once, so that nothing later changes a shared network.
     """
     name = canonical_model_name(model)
-    if pretrained == BUNDLED_WEIGHTS:
-        from ueo import zoo
-
-        net = zoo.load_bundled(name)
+    if pretrained in WEIGHT_SOURCES:
+        net = WEIGHT_SOURCES[pretrained](name)
     elif pretrained.lower() == RANDOM_WEIGHTS:
         warnings.warn(
             f"Model {name} has RANDOM weights (--pretrained none): results are meaningless "
@@ -119,10 +145,18 @@ def load_clip(
         net = _create_from_file(name, pretrained)
     else:
         net = _create_from_tag(name, pretrained)
-    return _wrap(net, name, pretrained, device)
+    return _wrap(net, name, pretrained, device, channels_last)
 
 
 def _create_from_file(name: str, path: str) -> torch.nn.Module:
+    if open_clip.get_pretrained_cfg(name, "openai").get("quick_gelu") and "quickgelu" not in name:
+        log.warning(
+            "%s is built with GELU; if %s holds OpenAI's weights, use --model %s-quickgelu "
+            "(OpenAI's CLIPs were trained with QuickGELU).",
+            name,
+            path,
+            name,
+        )
     try:
         return open_clip.create_model(name, pretrained=path)
     except Exception as exc:  # open_clip raises many types for a bad file
@@ -139,8 +173,8 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
         available = ", ".join(tags) if tags else "none published"
         raise UeoError(
             f"Unknown pretrained tag '{tag}' for model {name} (and no such file). "
-            f"Tags for {name}: {available}. Or pass a local checkpoint file, `bundled` "
-            f"or `none`."
+            f"Tags for {name}: {available}. Or pass a local checkpoint file, "
+            f"{', '.join(f'`{t}`' for t in WEIGHT_SOURCES)} or `none`."
         )
     try:
         with quiet_root_logger():  # our one-line error says what open_clip's log would
@@ -159,13 +193,16 @@ def _create_cached_or_download(name: str, tag: str) -> torch.nn.Module:
     """Cached weights first, without touching the network; download only if the hub answers.
 
     Without this, an offline machine spends a minute in the hub client's retries before failing.
+    The activation is the one the weights were trained with: OpenAI's CLIPs use QuickGELU,
+    which open_clip's plain configs (`RN50`, `ViT-B-16`, ...) replace by GELU unless told.
     """
     from huggingface_hub import constants
 
+    quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
     offline = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
     try:
-        return open_clip.create_model(name, pretrained=tag)
+        return open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu)
     except Exception:
         if offline:
             raise
@@ -177,7 +214,7 @@ def _create_cached_or_download(name: str, tag: str) -> torch.nn.Module:
     except OSError as exc:
         reason = f"not in the local cache, and {host.hostname} cannot be reached ({exc})"
         raise OSError(reason) from exc
-    return open_clip.create_model(name, pretrained=tag)
+    return open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -187,9 +224,16 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if len(text[0]) <= 300 else text[0][:300] + "..."
 
 
-def _wrap(net: torch.nn.Module, name: str, pretrained: str, device) -> LoadedClip:
+def _wrap(
+    net: torch.nn.Module, name: str, pretrained: str, device, channels_last: bool
+) -> LoadedClip:
     net = net.to(device).float().eval()
     net.requires_grad_(False)
+    nhwc = channels_last and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.visual.modules()
+    )
+    if nhwc:
+        net.visual.to(memory_format=torch.channels_last)
     cfg = open_clip.get_model_preprocess_cfg(net)
     size = cfg.get("size", getattr(net.visual, "image_size", 224))
     if isinstance(size, (tuple, list)):
@@ -202,6 +246,7 @@ def _wrap(net: torch.nn.Module, name: str, pretrained: str, device) -> LoadedCli
         image_size=int(size),
         mean=tuple(cfg.get("mean", OPENAI_DATASET_MEAN)),
         std=tuple(cfg.get("std", OPENAI_DATASET_STD)),
+        channels_last=nhwc,
     )
 
 

@@ -7,10 +7,12 @@ and the oracle variant only.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
+import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,45 +21,94 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from ueo.errors import UeoError
+from ueo.images import open_rgb
+from ueo.names import OOD, UNLABELED, normalize_name
 
 log = logging.getLogger(__name__)
 
-OOD = -1
-UNLABELED = -2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def normalize_name(name: str) -> str:
-    """Compare class names the way folders are matched: case-insensitive, `_` == space."""
-    return " ".join(name.replace("_", " ").lower().split())
+BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
 
 
 def parse_classes(spec: str) -> list[str]:
-    """Class names from a text file (one per line) or a comma-separated list."""
-    path = Path(spec)
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        while lines and not lines[-1].strip():
-            lines.pop()
-        names = [line.strip() for line in lines]
-        where = [f"{path}:{i + 1}" for i in range(len(names))]
-    elif "," in spec or (spec.strip() and not path.suffix):
-        names = [n.strip() for n in spec.split(",")]
-        where = [f"item {i + 1} of --classes" for i in range(len(names))]
-    else:
+    """Class names from a text file (one per line) or a comma-separated list.
+
+    A file is read by `read_lines`; blank lines and spaces around names are ignored. A value
+    that looks like a path (a folder separator, a file suffix, a leading `.` or `~`) must name
+    a file; anything else is a comma list, a single word being a one-class list. Names that
+    `normalize_name` makes equal are an error: they would match the same folders.
+    """
+    if not spec.strip():
+        raise UeoError("No class names given (an empty --classes).")
+    path = Path(os.path.expanduser(spec))  # unlike Path.expanduser, never raises
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError:  # a long comma list is no valid file name (ENAMETOOLONG)
+        is_dir = is_file = False
+    if is_dir:
+        raise UeoError(
+            f"--classes {spec} is a folder: give a class file or a comma-separated list."
+        )
+    if is_file:
+        lines = read_lines(path, "Class file")
+        named = [(line.strip(), f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()]
+    elif _looks_like_path(spec):
         raise UeoError(f"Class file {spec} not found (give a file or a comma-separated list).")
-    if not names:
+    else:
+        named = [(n.strip(), f"item {i} of --classes") for i, n in enumerate(spec.split(","), 1)]
+        for name, loc in named:
+            if not name:
+                raise UeoError(f"Empty class name at {loc}.")
+    if not named:
         raise UeoError(f"No class names in {spec}.")
-    for name, loc in zip(names, where, strict=True):
-        if not name:
-            raise UeoError(f"Empty class name at {loc}.")
-    seen: dict[str, str] = {}
-    for name, loc in zip(names, where, strict=True):
+    seen: dict[str, tuple[str, str]] = {}
+    for name, loc in named:
         key = normalize_name(name)
         if key in seen:
-            raise UeoError(f"Duplicated class name '{name}' at {loc} (same as '{seen[key]}').")
-        seen[key] = name
-    return names
+            first, first_loc = seen[key]
+            raise UeoError(
+                f"Duplicated class name '{name}' at {loc} (same as '{first}' at {first_loc})."
+            )
+        seen[key] = name, loc
+    return [name for name, _ in named]
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Whether a --classes value that names no file was meant as one (see parse_classes)."""
+    spec = spec.strip()
+    return (
+        spec.startswith((".", "~"))
+        or "/" in spec
+        or os.sep in spec
+        or re.fullmatch(r"\.[^\s.,]+", Path(spec).suffix) is not None
+    )
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a user's text file, with any line ending (LF, CRLF or CR).
+
+    UTF-8, with or without a BOM; UTF-16 and UTF-32 are recognised by their BOM (Windows tools
+    write them). Anything else is an error that names the file, not a decoding traceback.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UeoError(f"Cannot read {what.lower()} {path}: {exc.strerror}.") from None
+    codec, name = next(((c, n) for bom, c, n in BOMS if data.startswith(bom)), ("utf-8", "UTF-8"))
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise UeoError(
+            f"{what} {path} is not {name} text (invalid byte at offset {exc.start}): "
+            "save it as UTF-8."
+        ) from None
+    return re.split(r"\r\n|\r|\n", text)
 
 
 def is_image(path: Path) -> bool:
@@ -71,7 +122,6 @@ class ImageSet:
     paths: list[str]
     labels: np.ndarray
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -97,47 +147,133 @@ def load_image_set(
     data_root: str | os.PathLike | None = None,
     check_exists: bool = True,
 ) -> ImageSet:
-    """Read an image folder, an image-list file or a folder of loose unlabeled images."""
+    """Read a class-folder tree, a folder of loose images, an image-list file or one image.
+
+    A folder is a class-folder tree (`root/<class>/.../<image>`) when a subfolder holds images;
+    images at its top are then left out, with a warning. Otherwise its top-level images form
+    an unlabeled set. A file is one unlabeled image when its extension says so or PIL
+    recognises it, else an image list (`_read_list`).
+
+    Symbolic links: a link (to a file or a folder) whose target lies inside the tree, or holds
+    it, is not followed (the tree is read where it is, once); a folder link leading out of the
+    tree is followed, at most once per target, so loops end; broken links are ignored.
+    """
     path = Path(data)
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:
+        raise UeoError(f"Data path {path}: {exc.strerror}.") from None
+    if is_file:
+        if _is_image_file(path):
+            return ImageSet([str(path)], np.array([UNLABELED]), str(path))
         return _read_list(
             path, len(class_names), Path(data_root) if data_root else path.parent, check_exists
         )
-    if not path.is_dir():
+    if not path.exists():
         raise UeoError(f"Data path {path} does not exist.")
-    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    if any(p.is_file() and is_image(p) for p in entries):
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image(p))
-        return ImageSet(files, np.full(len(files), UNLABELED), str(path))
-    folders = [p for p in entries if p.is_dir()]
+    if not path.is_dir():
+        raise UeoError(f"Data path {path} is not a file or a folder.")
+    root = os.path.realpath(path)
+    visited, links = {root}, []
+    strays, folders = [], []
+    try:
+        entries = _entries(path, root, links)
+    except OSError as exc:
+        raise UeoError(f"Cannot read folder {path}: {exc.strerror}.") from None
+    for entry in entries:
+        (folders if entry.is_dir() else strays).append(Path(entry.path))
+    found = [(folder, _scan(folder, root, visited, links)) for folder in folders]
+    if links:
+        log.warning(
+            "Not following %d link(s) that lead back into %s, e.g. %s", len(links), path, links[0]
+        )
+    if not any(files for _, files in found):
+        if not strays:
+            raise UeoError(
+                f"No images found in {path} (expected root/<class>/<image>, loose images, "
+                f"or an image-list file; extensions {', '.join(IMAGE_EXTENSIONS)})."
+            )
+        return ImageSet([str(p) for p in strays], np.full(len(strays), UNLABELED), str(path))
+    if strays:
+        log.warning(
+            "Leaving out %d image(s) at the top of class-folder tree %s, e.g. %s: only images "
+            "inside a class folder are used.",
+            len(strays),
+            path,
+            strays[0].name,
+        )
     index = {normalize_name(n): i for i, n in enumerate(class_names)}
     paths, labels = [], []
-    for folder in folders:
-        label = index.get(normalize_name(folder.name), OOD)
-        for f in sorted(folder.rglob("*")):
-            if f.is_file() and is_image(f):
-                paths.append(str(f))
-                labels.append(label)
-    if not paths:
-        raise UeoError(
-            f"No images found in {path} (expected root/<class>/<image>, loose images, "
-            f"or an image-list file; extensions {', '.join(IMAGE_EXTENSIONS)})."
-        )
+    for folder, files in found:
+        paths += [str(f) for f in files]
+        labels += [index.get(normalize_name(folder.name), OOD)] * len(files)
     return ImageSet(paths, np.array(labels), str(path))
 
 
+def _is_image_file(path: Path) -> bool:
+    """An image by its extension, or by a header PIL recognises (a too-large one included)."""
+    if is_image(path):
+        return True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(path).close()
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # PIL's format probes fail on other files with many exception types
+        return False
+    return True
+
+
+def _entries(folder: Path, root: str, links: list[str]) -> list[os.DirEntry]:
+    """Sorted visible subfolders and image files of a folder, links into the tree set aside."""
+    kept = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if os.path.commonpath([target, root]) in (target, root):  # inside, or holds, root
+                links.append(entry.path)
+                continue
+        if entry.is_dir() or (entry.is_file() and is_image(Path(entry.path))):
+            kept.append(entry)
+    return kept
+
+
+def _scan(top: Path, root: str, visited: set[str], links: list[str]) -> list[Path]:
+    """Image files under `top`, sorted; folders already visited (by real path) are skipped."""
+    found, stack = [], [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in visited:
+            continue
+        visited.add(real)
+        try:
+            entries = _entries(folder, root, links)
+        except OSError as exc:
+            log.warning("Skipping unreadable folder %s: %s", folder, exc.strerror)
+            continue
+        for entry in entries:
+            (stack if entry.is_dir() else found).append(Path(entry.path))
+    return sorted(found)
+
+
 def _read_list(path: Path, n_known: int, root: Path, check_exists: bool) -> ImageSet:
-    """`relative/path label` per line; labels >= number of known classes are OOD."""
+    """`relative/path label` per line, label a whole number (ASCII digits); labels >= number
+    of known classes are OOD. Blank lines and lines starting with # are skipped."""
     paths, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_lines(path, "Image list"), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.rstrip().rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise UeoError(f"{path}:{number}: expected 'relative/path label', got {line!r}.")
+        if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[1]):
+            raise UeoError(
+                f"{path}:{number}: expected 'relative/path label' with a label 0, 1, 2..., "
+                f"got {line!r}."
+            )
         label = int(parts[1])
-        if label < 0:
-            raise UeoError(f"{path}:{number}: negative label {label}.")
         paths.append(str(root / parts[0]))
         labels.append(label if label < n_known else OOD)
     if not paths:
@@ -150,15 +286,6 @@ def _read_list(path: Path, n_known: int, root: Path, check_exists: bool) -> Imag
                 f"(set --data-root), e.g. {missing[0]}"
             )
     return ImageSet(paths, np.array(labels), str(path))
-
-
-def open_rgb(path: str) -> Image.Image:
-    """Open any image as RGB (grayscale, palette, RGBA and CMYK included)."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode == "P" or img.mode == "LA":
-            img = img.convert("RGBA")
-        return img.convert("RGB")
 
 
 class ImageDataset(Dataset):

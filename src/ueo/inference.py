@@ -12,7 +12,8 @@ from ueo.data import BadImages, ImageSet, make_loader
 from ueo.metrics import compute_metrics
 from ueo.model import UeoModel
 from ueo.objectives import mcm_score
-from ueo.runtime import autocast
+from ueo.recipe import Runtime
+from ueo.runtime import autocast, default_workers, resolve_device
 
 
 @dataclass
@@ -31,38 +32,54 @@ class Outputs:
         return mcm_score(torch.from_numpy(self.cos)).numpy()
 
 
+def workers_of(runtime: Runtime) -> int:
+    return default_workers() if runtime.workers is None else runtime.workers
+
+
 @torch.no_grad()
 def infer(
     model: UeoModel,
     images: ImageSet,
-    device: torch.device,
-    batch_size: int = 256,
-    workers: int = 0,
+    runtime: Runtime | None = None,
+    *,
     precision: str = "fp32",
     bad: BadImages | None = None,
     desc: str = "infer",
-    progress: bool = True,
 ) -> Outputs:
-    """Cosine similarities of every image to every known class, with the test transform."""
-    bad = bad if bad is not None else BadImages()
+    """Cosine similarities of every image to every known class, with the test transform.
+
+    The loader is iterated exactly once; the progress bar only counts batches.
+    """
+    runtime = runtime or Runtime()
+    device = resolve_device(runtime.device)
+    bad = bad if bad is not None else BadImages(runtime.on_bad_image)
     text = model.text_features()
     cos = np.full((len(images), model.prompt.num_classes), np.nan, dtype=np.float32)
     valid = np.zeros(len(images), dtype=bool)
-    loader = make_loader(images, model.clip.test_transform(), batch_size, False, workers, device)
-    for x, idx, errors in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        for i, msg in errors:
-            bad.report(i, msg)
-        if x is None:
-            continue
-        with autocast(device, precision):
-            out = model(x.to(device, non_blocking=True), text)
-        cos[idx.numpy()] = out.float().cpu().numpy()
-        valid[idx.numpy()] = True
+    loader = make_loader(
+        images,
+        model.clip.test_transform(),
+        runtime.eval_batch_size,
+        False,
+        workers_of(runtime),
+        device,
+    )
+    with tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar:
+        for x, idx, errors in loader:
+            bar.update()
+            for i, msg in errors:
+                bad.report(i, msg)
+            if x is None:
+                continue
+            with autocast(device, precision):
+                out = model(x.to(device, non_blocking=True), text)
+            cos[idx.numpy()] = out.float().cpu().numpy()
+            valid[idx.numpy()] = True
     return Outputs(cos, valid)
 
 
 def metrics_of(outputs: Outputs, images: ImageSet) -> dict | None:
-    """SPEC.md metrics of a labelled set; None when the set carries no labels."""
+    """The metrics of docs/spec.md for a labelled set; None when the set carries no labels."""
     if not images.labelled:
         return None
     v = outputs.valid

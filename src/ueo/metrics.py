@@ -1,4 +1,4 @@
-"""Evaluation metrics of SPEC.md (ACC, GACC, AUROC) and ours (FPR95, H-score)."""
+"""Evaluation metrics of docs/spec.md (ACC, GACC, AUROC) and ours (FPR95, H-score)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ METRIC_NAMES = ("acc", "gacc", "auroc", "fpr95", "h")
 def compute_metrics(pred: np.ndarray, score: np.ndarray, label: np.ndarray) -> dict:
     """Metrics of one evaluated set.
 
-    `pred` is the predicted known class, `score` the MCM score (higher = ID), `label` the known
-    class index of ID samples and -1 for OOD samples (classes not on the known list).
+    `pred` is the predicted known class, `score` the MCM score (higher = ID; only its order
+    counts, so +-inf are fine and NaN is an error), `label` the known class index of ID samples
+    and -1 for OOD samples (classes not on the known list).
     Values are in [0, 1]; a metric that is undefined for the set is None.
     """
     pred, score, label = np.asarray(pred), np.asarray(score, dtype=np.float64), np.asarray(label)
@@ -28,9 +29,13 @@ def compute_metrics(pred: np.ndarray, score: np.ndarray, label: np.ndarray) -> d
     else:
         out["acc"] = out["gacc"] = None
     if is_id.any() and (~is_id).any():
-        out["auroc"] = float(roc_auc_score(is_id.astype(int), score))
+        if np.isnan(score).any():
+            raise ValueError(f"{int(np.isnan(score).sum())} score(s) are NaN: no order to rank.")
+        # Only the order of the scores counts: ranks (ties kept) let +-inf through scikit-learn.
+        rank = np.unique(score, return_inverse=True)[1].reshape(-1)
+        out["auroc"] = float(roc_auc_score(is_id.astype(int), rank))
         # Every threshold kept: dropped collinear points could hide the first one at 95% TPR.
-        fpr, tpr, _ = roc_curve(is_id.astype(int), score, drop_intermediate=False)
+        fpr, tpr, _ = roc_curve(is_id.astype(int), rank, drop_intermediate=False)
         out["fpr95"] = float(fpr[np.searchsorted(tpr, 0.95, side="left")])
     else:
         out["auroc"] = out["fpr95"] = None

@@ -1,6 +1,20 @@
-"""A CLIP model with learnable prompts and tunable image-tower normalisation affines."""
+"""A CLIP model with learnable prompts and tunable image-tower normalisation affines.
+
+The seam, in the spirit of tent: `configure_model` says what is tuned (and keeps
+normalisation statistics frozen), `collect_params` returns the optimiser's parameter groups.
+
+Which normalisation layers are tuned (`Recipe.norm_layers`):
+
+* `reference` (default): what the authors' script tunes. It picks image-tower parameters
+  whose name contains `bn` or `ln`; ueo reaches the same set by structure: every
+  normalisation layer except those inside a residual block's projection shortcut
+  (`downsample`), whose BatchNorm the name rule misses (docs/spec.md, "What is tuned").
+* `all`: every normalisation layer of the image tower.
+"""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -8,17 +22,34 @@ from torch import nn
 
 from ueo.clip import LoadedClip
 from ueo.errors import UeoError
-from ueo.prompts import DEFAULT_CTX_INIT, PromptLearner
+from ueo.prompts import PromptLearner
+from ueo.recipe import DEFAULT_CTX_INIT, NORM_LAYERS, Recipe
 
-NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 CTX_NAME = "prompt.ctx"
 
 
-def norm_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
-    """Norm affines of `net.visual`, found by module type, under the model's own names."""
+def _shortcut_modules(visual: nn.Module) -> set[int]:
+    """ids of the modules inside projection shortcuts (`block.downsample`) of residual blocks."""
+    inside: set[int] = set()
+    for module in visual.modules():
+        shortcut = getattr(module, "downsample", None)
+        if isinstance(shortcut, nn.Module):
+            inside.update(id(m) for m in shortcut.modules())
+    return inside
+
+
+def norm_parameters(net: nn.Module, which: str = "all") -> dict[str, nn.Parameter]:
+    """Affine parameters of the image tower's normalisation layers, under the model's names.
+
+    `which` is `all` or `reference` (see the module docstring).
+    """
+    if which not in NORM_LAYERS:
+        raise UeoError(f"--norm-layers must be one of {', '.join(NORM_LAYERS)}, not {which!r}.")
+    skip = _shortcut_modules(net.visual) if which == "reference" else set()
     params = {}
     for name, module in net.visual.named_modules():
-        if isinstance(module, NORM_TYPES):
+        if isinstance(module, NORM_TYPES) and id(module) not in skip:
             for pname, p in module.named_parameters(recurse=False):
                 params[f"visual.{name}.{pname}" if name else f"visual.{pname}"] = p
     return params
@@ -27,7 +58,8 @@ def norm_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
 class UeoModel(nn.Module):
     """What UEO tunes: the shared prompt context and the image tower's norm affines.
 
-    The network stays in eval mode: BatchNorm uses and keeps its running statistics.
+    Normalisation statistics are never updated: `configure_model` puts the network in eval
+    mode, and nothing in ueo calls `train()`.
     """
 
     def __init__(
@@ -35,43 +67,24 @@ class UeoModel(nn.Module):
         clip: LoadedClip,
         class_names: list[str],
         n_ctx: int | None = None,
-        ctx_init: str | None = DEFAULT_CTX_INIT,
+        ctx_init: str = DEFAULT_CTX_INIT,
         fast: bool = True,
     ):
         super().__init__()
         self.clip = clip
         self.net = clip.model
         self.prompt = PromptLearner(self.net, clip.tokenizer, class_names, n_ctx, ctx_init, fast)
-        self.channels_last = False
         self.eval()
 
     @property
     def class_names(self) -> list[str]:
         return self.prompt.class_names
 
-    def train(self, mode: bool = True) -> UeoModel:
-        """Always eval: the reference keeps BatchNorm statistics frozen during adaptation."""
-        return super().train(False)
-
-    def norm_parameters(self) -> dict[str, nn.Parameter]:
-        """Affine weights and biases of every BatchNorm2d / LayerNorm of the image tower."""
-        return norm_parameters(self.net)
-
-    def set_tuned(self, prompt: bool, norm: bool) -> None:
-        """Freeze everything, then unfreeze the groups being tuned."""
-        self.net.requires_grad_(False)
-        self.prompt.ctx.requires_grad_(prompt)
-        for p in self.norm_parameters().values():
-            p.requires_grad_(norm)
-
-    def use_channels_last(self) -> None:
-        """NHWC convolutions: faster for ResNet (BatchNorm) towers on CPUs and GPUs."""
-        if any(isinstance(m, nn.BatchNorm2d) for m in self.net.visual.modules()):
-            self.net.visual.to(memory_format=torch.channels_last)
-            self.channels_last = True
+    def norm_parameters(self, which: str = "reference") -> dict[str, nn.Parameter]:
+        return norm_parameters(self.net, which)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
+        if self.clip.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.net.encode_image(images).float(), dim=-1)
 
@@ -83,15 +96,17 @@ class UeoModel(nn.Module):
         text = self.text_features() if text is None else text
         return self.image_features(images) @ text.t()
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
+    def adapter_state(self, norm_layers: str = "reference") -> dict[str, torch.Tensor]:
         """The tuned tensors under self-describing names (the model's own parameter names)."""
         state = {CTX_NAME: self.prompt.ctx.detach()}
-        state.update({k: v.detach() for k, v in self.norm_parameters().items()})
+        state.update({k: v.detach() for k, v in self.norm_parameters(norm_layers).items()})
         return state
 
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state(
+        self, state: dict[str, torch.Tensor], norm_layers: str = "reference"
+    ) -> None:
         """Put tuned tensors back; shapes and names must match this model exactly."""
-        params = {CTX_NAME: self.prompt.ctx, **self.norm_parameters()}
+        params = {CTX_NAME: self.prompt.ctx, **self.norm_parameters(norm_layers)}
         unknown = sorted(set(state) - set(params))
         missing = sorted(set(params) - set(state))
         if unknown or missing:
@@ -107,3 +122,37 @@ class UeoModel(nn.Module):
                         f"expects {tuple(params[name].shape)}."
                     )
                 params[name].copy_(value.to(params[name].device))
+
+
+def configure_model(model: UeoModel, recipe: Recipe) -> UeoModel:
+    """Freeze everything, then let gradients reach the groups the recipe tunes (lr > 0).
+
+    The network stays in eval mode: BatchNorm uses and keeps its running statistics.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    model.prompt.ctx.requires_grad_(recipe.lr_prompt > 0)
+    for p in model.norm_parameters(recipe.norm_layers).values():
+        p.requires_grad_(recipe.lr_norm > 0)
+    return model
+
+
+def collect_params(model: UeoModel, recipe: Recipe) -> list[dict]:
+    """The optimiser's groups, `prompt` and `norm`, with their learning rates; lr 0 = absent."""
+    groups = []
+    if recipe.lr_prompt > 0:
+        groups.append({"name": "prompt", "params": [model.prompt.ctx], "lr": recipe.lr_prompt})
+    norm = list(model.norm_parameters(recipe.norm_layers).values())
+    if recipe.lr_norm > 0 and norm:
+        groups.append({"name": "norm", "params": norm, "lr": recipe.lr_norm})
+    return groups
+
+
+@contextmanager
+def tuning(model: UeoModel, recipe: Recipe):
+    """`configure_model` for the duration of a block; everything is frozen again after it."""
+    configure_model(model, recipe)
+    try:
+        yield collect_params(model, recipe)
+    finally:
+        model.requires_grad_(False)

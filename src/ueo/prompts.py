@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ueo.errors import UeoError
-
-DEFAULT_CTX_INIT = "a photo of a"
+from ueo.names import spoken_name
+from ueo.recipe import DEFAULT_CTX_INIT
 
 
 def prompt_text(name: str) -> str:
-    """The class part of a prompt; `_` in benchmark names stands for a space."""
-    return name.replace("_", " ").strip() + "."
+    """The class part of a prompt: the name in words (`_` stands for a space), then a full stop."""
+    return spoken_name(name) + "."
 
 
 class TextTower:

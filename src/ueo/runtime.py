@@ -1,19 +1,21 @@
-"""Device, precision and seeding choices shared by adaptation and inference."""
+"""Device, precision, CPU share and seeding choices shared by adaptation and inference."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ueo.errors import UeoError
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -24,16 +26,25 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise UeoError(f"Unknown device '{device}' (use cpu, cuda, cuda:N or auto).") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UeoError("--device cuda was asked for but no CUDA GPU is available.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UeoError(f"Unsupported device '{device}' (use cpu, cuda, cuda:N or auto).")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UeoError(f"--device {device} was asked for but no CUDA GPU is available.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UeoError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) exist."
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UeoError("--device mps was asked for but MPS is not available.")
     return dev
 
 
 def autocast(device: torch.device, precision: str):
     """Low-precision compute for the forward pass; parameters and the loss stay fp32."""
-    if precision not in PRECISIONS:
-        raise UeoError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
-    dtype = PRECISIONS[precision]
+    if precision not in DTYPES:
+        raise UeoError(f"--precision must be one of {', '.join(DTYPES)}, not {precision!r}.")
+    dtype = DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
     if device.type != "cuda" and dtype == torch.float16:
@@ -45,6 +56,48 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_quota() -> int | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` (or v1 cfs quota), rounded up; None if unlimited."""
+    v2 = Path("/sys/fs/cgroup/cpu.max")
+    try:
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            if quota == "max":
+                return None
+            return max(1, -(-int(quota) // int(period)))
+        v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        if v1.is_file():
+            quota = int(v1.read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else max(1, -(-quota // period))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def use_available_cpus() -> int:
+    """Never more intra-op threads than the CPUs this process may use; returns the count."""
+    cpus = available_cpus()
+    if torch.get_num_threads() > cpus:
+        torch.set_num_threads(cpus)
+    return torch.get_num_threads()
+
+
+def default_workers() -> int:
+    """Data-loading processes when none are asked for: one per spare CPU, at most 4."""
+    return min(4, available_cpus() - 1)
 
 
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")

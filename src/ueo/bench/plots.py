@@ -7,14 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from sklearn.metrics import roc_curve
 
+from ueo.errors import UeoError
+from ueo.io import atomic_write
+
+try:
+    import matplotlib
+except ImportError as exc:  # an extra: the core runs without it
+    raise UeoError(
+        "The benchmark report draws figures with matplotlib: pip install 'ueo[bench]'."
+    ) from exc
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from ueo.io import atomic_write  # noqa: E402
 
 TABLE_METRICS = ("acc", "auroc", "h")
 METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95", "h": "H-score"}
@@ -31,9 +37,6 @@ def save_figure(fig, path: Path) -> Path:
 
 def method_plot(summary_mean: dict, scenario: str, path: Path):
     """Grouped bars: ACC, AUROC and H-score of each method, averaged over domains."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     methods = list(summary_mean[scenario])
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(methods), 3.4))
     width = 0.8 / len(TABLE_METRICS)

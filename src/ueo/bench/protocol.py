@@ -2,7 +2,7 @@
 
 Which classes are known and which ones appear in the unlabeled set is fixed by the
 paper's protocol (see the table below), so results stay comparable with published
-numbers. Label indices follow the class lists shipped in ``ueo/protocol/``.
+numbers. Label indices follow the class lists shipped in ``ueo/bench/classes/``.
 
 =========== ======= === ===== ===== ===== ===============
 dataset     classes  N   CDA   PDA   ODA   OPDA
@@ -26,6 +26,7 @@ from importlib.resources import files
 from ueo.errors import UeoError
 
 SCENARIOS = ("CDA", "PDA", "ODA", "OPDA", "CLOSED")
+PAPER_SCENARIOS = SCENARIOS[:4]  # the paper's four class shifts: what a benchmark runs by default
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class DatasetInfo:
     Unlabeled classes per scenario: CDA ``[0, known)``; PDA ``[0, pda_known)``;
     ODA ``[0, known + oda_unknown)``; OPDA ``[0, opda_known)`` plus
     ``[known, known + oda_unknown)``. ``opda_known`` is separate from ``pda_known``
-    because Office-31 uses fewer shared classes in OPDA than in PDA.
+    because Office-31 uses fewer shared classes in OPDA than in PDA. ``epochs`` is the
+    reference recipe's number of epochs for the dataset (docs/spec.md).
     """
 
     name: str
@@ -45,6 +47,7 @@ class DatasetInfo:
     pda_known: int
     opda_known: int
     oda_unknown: int
+    epochs: int = 50
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -61,6 +64,7 @@ DATASETS: dict[str, DatasetInfo] = {
             250,
             250,
             30,
+            epochs=5,
         ),
     )
 }
@@ -107,18 +111,13 @@ def _scenario(scenario: str) -> str:
 
 @cache
 def _class_names(name: str) -> tuple[str, ...]:
-    text = (files("ueo") / "protocol" / f"{name}.classes.txt").read_text(encoding="utf-8")
+    text = (files("ueo.bench") / "classes" / f"{name}.classes.txt").read_text(encoding="utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def class_names(dataset: str) -> list[str]:
     """Raw class names of a benchmark in label-index order (``_`` stands for a space)."""
     return list(_class_names(dataset_info(dataset).name))
-
-
-def prompt_name(raw: str) -> str:
-    """The class name as it goes into a text prompt: ``alarm_clock`` -> ``alarm clock``."""
-    return raw.replace("_", " ")
 
 
 def _split(

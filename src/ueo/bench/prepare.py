@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from ueo.benchmarks import DatasetInfo, class_names, dataset_info, domain_name
+from ueo.bench.protocol import DatasetInfo, class_names, dataset_info, domain_name
 from ueo.data import IMAGE_EXTENSIONS
 from ueo.errors import UeoError
 from ueo.io import write_text

@@ -8,7 +8,7 @@ deterministically:
   near-duplicates: t-shirt, trouser, dress, sneaker, bag) and the 10 Animal-MNIST classes;
   the first KNOWN = 10 are the known classes, the other 5 are unknown (OOD) objects; both
   groups mix clothes and animals so that "is it an animal" does not separate them;
-- a clean source domain: the bundled tiny CLIP models (`ueo.pretrain`) are pretrained on its
+- a clean source domain: the bundled tiny CLIP models (tools/pretrain.py) are pretrained on its
   train split with all 15 classes, as CLIP has seen every object;
 - target domains made from held-out images (never used for pretraining, disjoint across
   domains) by fixed-seed corruptions, each with an unlabeled split and a disjoint test split.
@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ueo.data import OOD, load_image_set
+from ueo.api import evaluate, load_model
+from ueo.data import load_image_set
 from ueo.errors import UeoError
-from ueo.metrics import compute_metrics
-from ueo.objectives import mcm_score
+from ueo.recipe import Runtime
 
 VERSION = 1
 SPLIT_SEED = 2023
@@ -71,7 +71,7 @@ TARGET_TEST_PER_CLASS = 37
 # Target domains, in the order they take held-out images: (name, corruption, parameters).
 # Severities were set once from the tiny models' zero-shot accuracy on corrupted *source test*
 # images (aim: known-class accuracy well above chance and well below the clean ~97-99%), never
-# from target splits or adaptation results; docs/demo-testbed.md lists the measurements.
+# from target splits or adaptation results; docs/demo.md lists the measurements.
 DOMAINS: tuple[tuple[str, str, dict[str, float]], ...] = (
     ("blur", "blur", {"sigma": 1.2}),
     ("noise", "noise", {"sigma": 0.2}),
@@ -199,7 +199,7 @@ def _pools() -> dict[str, list[np.ndarray]]:
 def source_arrays(split: str, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Clean source-domain images (N x 28 x 28 uint8) and labels, `train` or `test` split.
 
-    What `ueo.pretrain` trains on (train) and measures zero-shot accuracy on (test); the same
+    What tools/pretrain.py trains on (train) and measures zero-shot accuracy on (test); the same
     images as the testbed's source lists, in the same order.
     """
     if split not in ("train", "test"):
@@ -434,25 +434,21 @@ def load_list_images(root: Path, list_file: Path) -> tuple[np.ndarray, np.ndarra
 def zero_shot_report(testbed: Testbed, model_name: str) -> list[dict]:
     """Zero-shot ACC / GACC on known classes and MCM AUROC (T = 1) per test split.
 
-    ACC averages per-class accuracy over the known classes, GACC is the overall accuracy on
-    known-class images; predictions and MCM scores use the known classes only, as in SPEC.md.
+    The core's own zero-shot path (a model with the initial prompts, `infer`, the metrics of
+    docs/spec.md): predictions and MCM scores use the known classes only.
     """
-    from ueo.zoo import load_bundled, zero_shot_cosines
-
-    model = load_bundled(model_name)
-    known = testbed.class_names[: testbed.known]
+    known = list(testbed.class_names[: testbed.known])
+    model = load_model(model_name, "bundled", known)
     splits = {"source": testbed.source_test} | {n: t for n, (_, t) in testbed.domains.items()}
     rows = []
     for domain, list_file in splits.items():
-        images, labels = load_list_images(testbed.root, list_file)
-        cos = zero_shot_cosines(model, known, images, model_name)
-        known_label = np.where(labels < testbed.known, labels, OOD)
-        m = compute_metrics(cos.argmax(dim=1).numpy(), mcm_score(cos).numpy(), known_label)
+        images = load_image_set(list_file, known, testbed.root)
+        m = evaluate(model, images, runtime=Runtime(device="cpu", workers=0, progress=False))
         rows.append(
             {
                 "model": model_name,
                 "domain": domain,
-                "images": len(labels),
+                "images": len(images),
                 "acc": m["acc"],
                 "gacc": m["gacc"],
                 "auroc": m["auroc"],
@@ -480,8 +476,8 @@ def _report(root: Path | None, models: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ueo.testbed [--root DIR] [--zero-shot MODEL ...]`: build, then report."""
-    parser = argparse.ArgumentParser(prog="python -m ueo.testbed", description=main.__doc__)
+    """`python -m ueo.demo.testbed [--root DIR] [--zero-shot MODEL ...]`: build, then report."""
+    parser = argparse.ArgumentParser(prog="python -m ueo.demo.testbed", description=main.__doc__)
     parser.add_argument("--root", type=Path, default=None, help="default: " + str(default_root()))
     parser.add_argument(
         "--zero-shot", nargs="*", default=[], metavar="MODEL", help="bundled models to evaluate"

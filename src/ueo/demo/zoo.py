@@ -1,9 +1,9 @@
-"""ueo's bundled tiny CLIP-style models, and the zero-shot helpers their recipe and tests share.
+"""ueo's bundled tiny CLIP-style models: their open_clip configs, weights and registration.
 
 No pretrained CLIP weights can be downloaded offline, so ueo ships two tiny open_clip models
 (`ueo-tiny-rn`: ModifiedResNet tower with BatchNorm, `ueo-tiny-vit`: ViT tower with LayerNorm)
-pretrained on the clean source domain of the offline testbed (`ueo.testbed`, recipe in
-`ueo.pretrain`). They are ordinary open_clip models: configs in `model_configs/`, weights in
+pretrained on the clean source domain of the offline testbed (`ueo.demo.testbed`, recipe
+in `tools/pretrain.py`). They are ordinary open_clip models: configs in `model_configs/`, weights in
 `assets/` with a recipe file that records how they were made and the sha256 of the weights.
 
 Checkpoint size: the 49408 x 64 token embedding holds most parameters (RN 67%, ViT 89%), so
@@ -17,35 +17,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ueo.clip import test_transform
+from ueo.clip import register_weights
+from ueo.demo import BUNDLED_MODELS
 from ueo.errors import UeoError
 from ueo.io import atomic_write
 from ueo.runtime import quiet_root_logger
 
-BUNDLED = ("ueo-tiny-rn", "ueo-tiny-vit")
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
+BUNDLED = BUNDLED_MODELS
+WEIGHTS_TAG = "bundled"
 FP16_TENSORS = ("token_embedding.weight",)
 
 
 def _package_dir(name: str) -> Path:
-    return Path(str(files("ueo").joinpath(name)))
+    return Path(str(files("ueo.demo").joinpath(name)))
 
 
 def register_tiny_models() -> None:
     """Make open_clip know the tiny configs (idempotent: open_clip keeps a global registry)."""
     if not all(name in open_clip.list_models() for name in BUNDLED):
         open_clip.add_model_config(_package_dir("model_configs"))
+
+
+def register() -> None:
+    """The `ueo.models` entry point: the tiny architectures and `--pretrained bundled`."""
+    register_tiny_models()
+    register_weights(WEIGHTS_TAG, load_bundled)
 
 
 def _check_bundled(model_name: str) -> None:
@@ -62,12 +65,12 @@ def bundled_checkpoint(model_name: str) -> Path:
 
 
 def bundled_recipe(model_name: str) -> dict:
-    """The recipe file written next to the checkpoint by `python -m ueo.pretrain`."""
+    """The recipe file written next to the checkpoint by tools/pretrain.py."""
     path = bundled_checkpoint(model_name).with_suffix(".json")
     if not path.is_file():
         raise UeoError(
             f"The recipe file {path} of bundled model {model_name} is missing; rebuild it with "
-            f"`python -m ueo.pretrain --model {model_name}`."
+            f"`python tools/pretrain.py --model {model_name}`."
         )
     return json.loads(path.read_text())
 
@@ -93,7 +96,7 @@ def load_bundled(model_name: str) -> torch.nn.Module:
     if not path.is_file():
         raise UeoError(
             f"The weights {path} of bundled model {model_name} are missing; rebuild them with "
-            f"`python -m ueo.pretrain --model {model_name}`."
+            f"`python tools/pretrain.py --model {model_name}`."
         )
     expected = bundled_recipe(model_name)["sha256"]
     actual = sha256_file(path)
@@ -101,7 +104,7 @@ def load_bundled(model_name: str) -> torch.nn.Module:
         raise UeoError(
             f"{path} has sha256 {actual} but its recipe file records {expected}: the file is "
             "corrupt or was replaced. Rebuild it with "
-            f"`python -m ueo.pretrain --model {model_name}`."
+            f"`python tools/pretrain.py --model {model_name}`."
         )
     return load_checkpoint(model_name, path)
 
@@ -122,59 +125,3 @@ def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
     }
     with atomic_write(path) as tmp:
         save_file(state, tmp)
-
-
-def image_size(model: torch.nn.Module) -> int:
-    size = model.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def preprocess(images: np.ndarray | Sequence[Image.Image], size: int) -> torch.Tensor:
-    """Model input for a batch of images (uint8 N x H x W grayscale arrays or PIL images).
-
-    The single preprocessing path of pretraining, zero-shot evaluation and tests.
-    """
-    transform = test_transform(size)
-    pils = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in images]
-    return torch.stack([transform(im.convert("RGB")) for im in pils])
-
-
-def prompts(class_names: Sequence[str], template: str = ZERO_SHOT_TEMPLATE) -> list[str]:
-    """`_` in a class name stands for a space, as in the protocol's class lists."""
-    return [template.format(name.replace("_", " ")) for name in class_names]
-
-
-@torch.no_grad()
-def text_features(
-    model: torch.nn.Module,
-    tokenizer,
-    class_names: Sequence[str],
-    template: str = ZERO_SHOT_TEMPLATE,
-) -> torch.Tensor:
-    """L2-normalised text features of one prompt per class."""
-    return F.normalize(model.encode_text(tokenizer(prompts(class_names, template))), dim=-1)
-
-
-@torch.no_grad()
-def image_features(
-    model: torch.nn.Module, images: np.ndarray | Sequence[Image.Image], batch_size: int = 250
-) -> torch.Tensor:
-    """L2-normalised image features, computed in batches."""
-    size = image_size(model)
-    feats = [
-        F.normalize(model.encode_image(preprocess(images[i : i + batch_size], size)), dim=-1)
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(feats)
-
-
-def zero_shot_cosines(
-    model: torch.nn.Module,
-    class_names: Sequence[str],
-    images: np.ndarray | Sequence[Image.Image],
-    model_name: str,
-) -> torch.Tensor:
-    """Cosine similarities (images x classes) of the SPEC's zero-shot baseline; model in eval."""
-    model.eval()
-    text = text_features(model, open_clip.get_tokenizer(model_name), class_names)
-    return image_features(model, images) @ text.t()

@@ -6,7 +6,8 @@ figures that show what adaptation does to OOD detection (ROC curves, MCM histogr
 The demo recipe differs from the reference recipe in two settings, fixed before any result
 was seen: a testbed target domain holds 570 unlabeled images, so an epoch is a handful of
 steps, and the learning rate is 10x the reference (1e-3) with fewer epochs, to take a
-comparable number of lr-weighted steps in seconds. Everything else is SPEC.md's recipe.
+comparable number of lr-weighted steps in seconds. Everything else is the reference recipe
+of docs/spec.md.
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ueo.adaptation import AdaptConfig
-from ueo.benchmarks import custom_scenario_split
+from ueo.bench.jobs import bench
+from ueo.bench.plots import histogram_plot, roc_plot
+from ueo.bench.protocol import PAPER_SCENARIOS, custom_scenario_split
+from ueo.bench.sweep import Domain, Suite, Sweep, default_methods, load_scores
 from ueo.data import load_image_set
-from ueo.plots import histogram_plot, roc_plot
+from ueo.demo.testbed import build_testbed
+from ueo.recipe import Recipe, Runtime
 from ueo.reports import fmt
-from ueo.sweep import Domain, Suite, SweepOptions, bench, load_scores
 
 log = logging.getLogger("ueo")
 
-SCENARIOS = ["CDA", "PDA", "ODA", "OPDA"]
-METHODS = ["zeroshot", "entmin", "infomax", "ueo"]
-DEMO = {"epochs": 20, "lr": 1e-3, "batch_size": 64}
-QUICK = {"epochs": 4, "lr": 1e-3, "batch_size": 64}
+DEMO_RECIPE = Recipe(epochs=20, lr_prompt=1e-3, lr_norm=1e-3)
+QUICK_EPOCHS = 4
 
 
 def testbed_suite(testbed, domains: list[str] | None = None) -> Suite:
@@ -43,43 +44,39 @@ def testbed_suite(testbed, domains: list[str] | None = None) -> Suite:
         for d, (unl, test) in testbed.domains.items()
         if d in chosen
     ]
-    splits = {s: custom_scenario_split(len(names), testbed.known, s) for s in SCENARIOS}
+    splits = {s: custom_scenario_split(len(names), testbed.known, s) for s in PAPER_SCENARIOS}
     return Suite("testbed", list(names), suite_domains, splits)
+
+
+def demo_recipe(quick: bool = False) -> Recipe:
+    return DEMO_RECIPE.replace(epochs=QUICK_EPOCHS) if quick else DEMO_RECIPE
 
 
 def run_demo(
     out: str | Path = "runs/demo",
+    *,
     quick: bool = False,
     model: str = "ueo-tiny-rn",
-    device: str = "cpu",
-    progress: bool = True,
+    recipe: Recipe | None = None,
+    runtime: Runtime | None = None,
+    methods: list[str] | None = None,
 ) -> dict:
-    """Run the demo grid and write results.{json,md,csv} and plots; returns results.json."""
-    from ueo.testbed import build_testbed
+    """Run the demo grid and write results.{json,md,csv} and plots; returns results.json.
 
+    `quick`: one domain and fewer epochs. `recipe` replaces the demo recipe.
+    """
     out = Path(out)
-    recipe = QUICK if quick else DEMO
     testbed = build_testbed()
     domains = list(testbed.domains)[:1] if quick else None
     suite = testbed_suite(testbed, domains)
-    config = AdaptConfig(
-        epochs=recipe["epochs"],
-        batch_size=recipe["batch_size"],
-        lr_prompt=recipe["lr"],
-        lr_norm=recipe["lr"],
-        device=device,
-        workers=0,
-    )
-    options = SweepOptions(
-        scenarios=SCENARIOS,
-        methods=METHODS,
-        seeds=[config.seed],
+    sweep = Sweep(
         model=model,
         pretrained="bundled",
-        config=config,
-        progress=progress,
+        recipe=recipe or demo_recipe(quick),
+        runtime=runtime or Runtime(device="cpu", workers=0),
+        methods=methods or default_methods(),
     )
-    report = bench(suite, options, out, title=f"ueo demo: {model} on the offline testbed")
+    report = bench(suite, sweep, out, title=f"ueo demo: {model} on the offline testbed")
     figures(report["results"], out)
     return json.loads((out / "results.json").read_text())
 

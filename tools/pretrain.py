@@ -1,9 +1,10 @@
 """Reproducible CLIP-style pretraining of the bundled tiny models on the testbed's source domain.
 
-`python -m ueo.pretrain --model ueo-tiny-rn --out src/ueo/assets` trains from scratch on the
-clean source train split (all 15 classes, known and unknown, as CLIP has seen every object)
-and writes `<model>.safetensors` plus `<model>.json` (settings, versions, sha256, training time
-and the zero-shot accuracy of the saved weights on the source test split).
+`python tools/pretrain.py --model ueo-tiny-rn` trains from scratch on the clean source
+train split (all 15 classes, known and unknown, as CLIP has seen every object) and writes,
+into src/ueo/demo/assets, `<model>.safetensors` plus `<model>.json` (settings, versions,
+sha256, training time and the zero-shot accuracy of the saved weights on the source test
+split).
 
 Objective: symmetric InfoNCE between images and class-level captions. Each step draws one
 caption per class from TEMPLATES ("a photo of a {}.", "a picture of a {}.", ...), so the
@@ -36,22 +37,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ueo.clip import test_transform
+from ueo.demo.testbed import CLASS_NAMES, KNOWN, source_arrays
+from ueo.demo.zoo import BUNDLED, create_tiny_model, load_checkpoint, save_checkpoint, sha256_file
 from ueo.errors import UeoError
 from ueo.io import write_json
-from ueo.testbed import CLASS_NAMES, KNOWN, source_arrays
-from ueo.zoo import (
-    BUNDLED,
-    create_tiny_model,
-    image_size,
-    load_checkpoint,
-    preprocess,
-    prompts,
-    save_checkpoint,
-    sha256_file,
-    zero_shot_cosines,
-)
+from ueo.names import spoken_name
+from ueo.objectives import LOGIT_SCALE
 
-LOGIT_SCALE = 100.0
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "ueo" / "demo" / "assets"
 TEMPLATES = (
     "a photo of a {}.",
     "a picture of a {}.",
@@ -66,6 +60,35 @@ DEFAULTS = {
     "ueo-tiny-rn": {"epochs": 20, "lr": 2e-3},
     "ueo-tiny-vit": {"epochs": 30, "lr": 1e-3},
 }
+
+
+def image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
+    """Model input for uint8 N x H x W grayscale arrays: ueo's test transform on RGB copies."""
+    transform = test_transform(size)
+    return torch.stack([transform(Image.fromarray(im).convert("RGB")) for im in images])
+
+
+def prompts(class_names, template: str) -> list[str]:
+    return [template.format(spoken_name(name)) for name in class_names]
+
+
+@torch.no_grad()
+def zero_shot_cosines(model: torch.nn.Module, model_name: str, images: np.ndarray) -> torch.Tensor:
+    """Cosines (images x classes) with one "a photo of a {}." prompt per class; model in eval."""
+    model.eval()
+    tokens = open_clip.get_tokenizer(model_name)(prompts(CLASS_NAMES, TEMPLATES[0]))
+    text = F.normalize(model.encode_text(tokens), dim=-1)
+    size = image_size(model)
+    feats = [
+        F.normalize(model.encode_image(preprocess(images[i : i + 250], size)), dim=-1)
+        for i in range(0, len(images), 250)
+    ]
+    return torch.cat(feats) @ text.t()
 
 
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -175,7 +198,7 @@ def pretrain(
 def source_zero_shot(model: torch.nn.Module, model_name: str) -> dict[str, float]:
     """Zero-shot accuracy on the source test split: over all classes, and known-only."""
     images, labels = source_arrays("test")
-    cos = zero_shot_cosines(model, CLASS_NAMES, images, model_name)
+    cos = zero_shot_cosines(model, model_name, images)
     labels = torch.from_numpy(labels)
     known = labels < KNOWN
     known_pred = cos[known, :KNOWN].argmax(dim=1)
@@ -188,10 +211,10 @@ def source_zero_shot(model: torch.nn.Module, model_name: str) -> dict[str, float
 def main(argv: list[str] | None = None) -> int:
     """Pretrain one bundled model and write its checkpoint and recipe file."""
     parser = argparse.ArgumentParser(
-        prog="python -m ueo.pretrain", description=__doc__.split("\n")[0]
+        prog="python tools/pretrain.py", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", required=True, choices=BUNDLED)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "assets")
+    parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--epochs", type=int, help="default: per model, see DEFAULTS")
     parser.add_argument("--lr", type=float, help="peak AdamW learning rate; default per model")
@@ -213,7 +236,7 @@ def _command(settings: dict) -> str:
     """The command line that reproduces `settings`."""
     flags = ("model", "seed", "epochs", "lr", "batch_size", "weight_decay", "warmup_steps")
     options = " ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in flags)
-    return f"python -m ueo.pretrain {options} --threads {settings['threads']}"
+    return f"python tools/pretrain.py {options} --threads {settings['threads']}"
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -231,8 +254,8 @@ def _run(args: argparse.Namespace) -> None:
         "templates": list(TEMPLATES),
         "augmentation": "random crop of side 24-32 px from the 2 px padded image, resized "
         "to 28 px (zoom 0.875-1.17, shift <= 4 px); horizontal flip",
-        "data": f"ueo.testbed.source_arrays('train'): {len(source_arrays('train')[1])} images, "
-        f"{len(CLASS_NAMES)} classes, <= 600 per class",
+        "data": "ueo.demo.testbed.source_arrays('train'): "
+        f"{len(source_arrays('train')[1])} images, {len(CLASS_NAMES)} classes, <= 600 per class",
         "threads": args.threads,
     }
     torch.set_num_threads(args.threads)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ueo.bench.plots import METRIC_TITLES, TABLE_METRICS, method_plot
 from ueo.io import write_json, write_text
 from ueo.metrics import METRIC_NAMES
-from ueo.plots import METRIC_TITLES, TABLE_METRICS, method_plot
 from ueo.reports import fmt
 
 SETS = ("test", "unlabeled")

@@ -1,0 +1,295 @@
+"""The benchmark grid: domain x scenario x method x seed, resumable, one zero-shot pass shared.
+
+A `Suite` describes the data (class names in label order, one unlabeled list and one test list
+per domain, the class sets of each scenario); `run_sweep` runs every cell with the sweep's
+recipe and writes one run directory per cell. The paper's benchmarks, a user's labelled
+folder and the offline testbed are all suites (ueo.bench.suites).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ueo.adaptation import adapt
+from ueo.bench.protocol import PAPER_SCENARIOS
+from ueo.clip import LoadedClip, load_clip
+from ueo.data import OOD, ImageSet
+from ueo.errors import UeoError
+from ueo.inference import Outputs, infer
+from ueo.io import atomic_write, write_text
+from ueo.methods import get_method, method_names
+from ueo.model import UeoModel, norm_parameters
+from ueo.recipe import Recipe, Runtime
+from ueo.runs import LOG_FILE, METRICS_FILE, save_run
+from ueo.runtime import captured_log, resolve_device
+
+log = logging.getLogger("ueo")
+
+SCORES_FILE = "scores.npz"
+
+
+@dataclass
+class Domain:
+    """One target domain: unlabeled and test images with labels in the suite's label space."""
+
+    name: str
+    unlabeled: ImageSet
+    test: ImageSet
+
+
+@dataclass
+class Suite:
+    """What a sweep runs on; `splits[scenario]` = {"known", "unlabeled", "test"} index lists."""
+
+    name: str
+    class_names: list[str]
+    domains: list[Domain]
+    splits: dict[str, dict[str, list[int]]]
+
+    def domain(self, name: str) -> Domain:
+        return next(d for d in self.domains if d.name == name)
+
+    def scenario_sets(self, domain: Domain, scenario: str) -> tuple[list[str], ImageSet, ImageSet]:
+        """Known class names, and the unlabeled and test sets filtered to the scenario's classes.
+
+        Labels are mapped to the known list: known index, or OOD for the other classes.
+        """
+        split = self.splits[scenario]
+        names = [self.class_names[i] for i in split["known"]]
+        to_known = np.full(len(self.class_names), OOD, dtype=np.int64)
+        to_known[split["known"]] = np.arange(len(split["known"]))
+
+        def pick(images: ImageSet, classes: list[int]) -> ImageSet:
+            kept = images.subset(np.isin(images.labels, classes))
+            return ImageSet(kept.paths, to_known[kept.labels], images.source)
+
+        return names, pick(domain.unlabeled, split["unlabeled"]), pick(domain.test, split["test"])
+
+
+@dataclass(frozen=True)
+class Cell:
+    domain: str
+    scenario: str
+    method: str
+    seed: int
+
+    def path(self, out: Path) -> Path:
+        return out / "runs" / self.domain / self.scenario / self.method / f"seed{self.seed}"
+
+
+def default_methods() -> list[str]:
+    """Every registered method that needs no labels: what a benchmark compares by default."""
+    return [m for m in method_names() if not get_method(m).needs_labels]
+
+
+@dataclass
+class Sweep:
+    """The grid, the model and the recipe (its method and seed are set per cell)."""
+
+    model: str
+    pretrained: str
+    recipe: Recipe = field(default_factory=Recipe)
+    runtime: Runtime = field(default_factory=Runtime)
+    scenarios: list[str] = field(default_factory=lambda: list(PAPER_SCENARIOS))
+    methods: list[str] = field(default_factory=default_methods)
+    seeds: list[int] = field(default_factory=lambda: [Recipe().seed])
+    domains: list[str] | None = None
+    shard: tuple[int, int] = (0, 1)
+
+    def cell_recipe(self, cell: Cell) -> Recipe:
+        return self.recipe.replace(method=cell.method, seed=cell.seed)
+
+
+def plan(suite: Suite, sweep: Sweep) -> list[Cell]:
+    """Every cell of the grid, in run order (domain-major so zero-shot passes are reused)."""
+    for m in sweep.methods:
+        get_method(m)
+    for name, values in (
+        ("methods", sweep.methods),
+        ("scenarios", sweep.scenarios),
+        ("seeds", sweep.seeds),
+    ):
+        if len(set(values)) != len(values):
+            raise UeoError(f"--{name} lists a value twice: {', '.join(map(str, values))}.")
+    missing = [s for s in sweep.scenarios if s not in suite.splits]
+    if missing:
+        raise UeoError(
+            f"Scenario(s) {', '.join(missing)} not available for {suite.name}; "
+            f"available: {', '.join(suite.splits)}."
+        )
+    have = [d.name for d in suite.domains]
+    wanted = sweep.domains or have
+    absent = [d for d in wanted if d not in have]
+    if absent or not wanted:
+        raise UeoError(
+            f"No data for domain(s) {', '.join(absent) or '(none)'} of {suite.name}; "
+            f"available: {', '.join(have) or 'none'} (run `ueo prepare` or pass --lists)."
+        )
+    cells = [
+        Cell(d, s, m, seed)
+        for d in wanted
+        for s in sweep.scenarios
+        for m in sweep.methods
+        for seed in sweep.seeds
+    ]
+    k, n = sweep.shard
+    if not 0 <= k < n:
+        raise UeoError(f"A shard must be K/N with 0 <= K < N, not {k}/{n}.")
+    return [c for i, c in enumerate(cells) if i % n == k]
+
+
+def cell_fingerprint(suite: Suite, sweep: Sweep, cell: Cell) -> str:
+    """What determines a cell's numbers: its whole recipe, the model and the cell's data."""
+    names, unlabeled, test = suite.scenario_sets(suite.domain(cell.domain), cell.scenario)
+    blob = {
+        "recipe": asdict(sweep.cell_recipe(cell)),
+        "model": sweep.model,
+        "pretrained": sweep.pretrained,
+        "known_classes": names,
+        "unlabeled": _images_digest(unlabeled),
+        "test": _images_digest(test),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _images_digest(images: ImageSet) -> str:
+    digest = hashlib.sha256()
+    for path, label in zip(images.paths, images.labels.tolist(), strict=True):
+        digest.update(f"{path}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def is_done(cell: Cell, out: Path, fingerprint: str) -> bool:
+    """Complete and made with the same fingerprint; anything else is (re)computed."""
+    metrics, scores = cell.path(out) / METRICS_FILE, cell.path(out) / SCORES_FILE
+    if not (metrics.is_file() and scores.is_file()):
+        return False
+    try:
+        made_with = json.loads(metrics.read_text())["cell_fingerprint"]
+    except (ValueError, KeyError):
+        return False
+    if made_with != fingerprint:
+        log.warning("%s was made with other settings or data; recomputing it", cell.path(out))
+        return False
+    return True
+
+
+def status(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, bool]]:
+    """The plan with what already exists (for --dry-run)."""
+    return [
+        (c, is_done(c, Path(out), cell_fingerprint(suite, sweep, c))) for c in plan(suite, sweep)
+    ]
+
+
+def _restore(net: torch.nn.Module, pristine: dict[str, torch.Tensor]) -> None:
+    """Undo a cell's adaptation: only the norm affines of the shared model ever change."""
+    with torch.no_grad():
+        for name, p in norm_parameters(net, "all").items():
+            p.copy_(pristine[name])
+
+
+def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, dict]]:
+    """Run every missing cell; complete cells are read back, so a sweep resumes where it stopped.
+
+    Returns (cell, metrics record) for every cell of the plan.
+    """
+    out = Path(out)
+    cells = plan(suite, sweep)
+    device = resolve_device(sweep.runtime.device)
+    clip: LoadedClip | None = None
+    pristine: dict[str, torch.Tensor] = {}
+    zeroshot_cache: dict[tuple, tuple[dict[str, int], Outputs]] = {}
+    results = []
+    for n, cell in enumerate(cells, 1):
+        fingerprint = cell_fingerprint(suite, sweep, cell)
+        if is_done(cell, out, fingerprint):
+            record = json.loads((cell.path(out) / METRICS_FILE).read_text())
+            results.append((cell, record))
+            continue
+        if clip is None:
+            clip = load_clip(sweep.model, sweep.pretrained, device, sweep.runtime.channels_last)
+            pristine = {k: v.detach().clone() for k, v in norm_parameters(clip.model).items()}
+        else:
+            _restore(clip.model, pristine)
+        domain = suite.domain(cell.domain)
+        names, unlabeled, test = suite.scenario_sets(domain, cell.scenario)
+        if not len(unlabeled):
+            raise UeoError(f"Domain {cell.domain} has no images of the {cell.scenario} classes.")
+        recipe = sweep.cell_recipe(cell)
+        model = UeoModel(clip, names, recipe.n_ctx, recipe.ctx_init.strip()).to(device)
+        log.info(
+            "[%d/%d] %s %s %s seed %d: %d unlabeled, %d test images",
+            n,
+            len(cells),
+            cell.domain,
+            cell.scenario,
+            cell.method,
+            cell.seed,
+            len(unlabeled),
+            len(test),
+        )
+        zs = _shared_zeroshot(zeroshot_cache, model, domain, names, unlabeled, test, sweep)
+        start = time.perf_counter()
+        with captured_log() as cell_log:
+            result = adapt(model, unlabeled, recipe, sweep.runtime, test=test, zeroshot=zs)
+            log.info("  done in %.1f s", time.perf_counter() - start)
+        extra = {"cell": asdict(cell), "suite": suite.name, "cell_fingerprint": fingerprint}
+        write_text(cell.path(out) / LOG_FILE, cell_log.getvalue())
+        _save_scores(cell.path(out) / SCORES_FILE, result, test)
+        record = save_run(cell.path(out), model, result, extra)
+        results.append((cell, record))
+    return results
+
+
+def _shared_zeroshot(cache, model, domain, names, unlabeled, test, sweep) -> dict[str, Outputs]:
+    """Zero-shot outputs of the scenario's sets, sliced from one pass over the whole domain."""
+    r = sweep.recipe
+    key = (domain.name, tuple(names), r.precision, r.ctx_init, r.n_ctx)
+    if key not in cache:
+        paths = sorted(set(domain.unlabeled.paths) | set(domain.test.paths))
+        everything = ImageSet(paths, np.full(len(paths), OOD), domain.name)
+        out = infer(
+            model,
+            everything,
+            sweep.runtime,
+            precision=sweep.recipe.precision,
+            desc=f"zero-shot {domain.name}",
+        )
+        cache.clear()
+        cache[key] = ({p: i for i, p in enumerate(paths)}, out)
+    index, out = cache[key]
+
+    def take(images: ImageSet) -> Outputs:
+        rows = np.array([index[p] for p in images.paths], dtype=np.int64)
+        return Outputs(out.cos[rows], out.valid[rows])
+
+    return {"unlabeled": take(unlabeled), "test": take(test)}
+
+
+def _save_scores(path: Path, result, test: ImageSet) -> None:
+    """Per-image test scores before and after adaptation, for ROC curves and histograms."""
+    zs, ad = result.outputs["zeroshot"]["test"], result.outputs["adapted"]["test"]
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            label=test.labels,
+            valid=ad.valid & zs.valid,
+            zeroshot_score=zs.score,
+            zeroshot_pred=zs.pred,
+            adapted_score=ad.score,
+            adapted_pred=ad.pred,
+        )
+
+
+def load_scores(run_dir: Path) -> dict[str, np.ndarray]:
+    """Read a cell's scores.npz (plain arrays: no pickle is ever loaded)."""
+    with np.load(run_dir / SCORES_FILE, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,148 @@
+"""What each `ueo` command does, as one Python call: the command line only parses and prints.
+
+Each job reads its inputs, runs the API of ueo.api and writes its files; the return value is
+plain data the caller may print.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+
+from ueo import __version__
+from ueo.api import adapt, evaluate, load_adapted, load_model, predict, save_run
+from ueo.data import load_image_set, parse_classes
+from ueo.errors import UeoError
+from ueo.io import write_json, write_text
+from ueo.recipe import Recipe, Runtime
+from ueo.runs import LOG_FILE, METRICS_FILE
+from ueo.runtime import captured_log
+
+log = logging.getLogger("ueo")
+
+PREDICTION_FIELDS = ("path", "pred", "prob", "mcm", "is_unknown")
+
+
+def adapt_job(
+    out: str | os.PathLike,
+    *,
+    model: str,
+    pretrained: str,
+    data: str,
+    classes: str | list[str],
+    recipe: Recipe | None = None,
+    runtime: Runtime | None = None,
+    test_data: str | None = None,
+    data_root: str | None = None,
+) -> dict:
+    """`ueo adapt`: adapt on `data`, write adapter.safetensors, metrics.json and log.txt."""
+    recipe = (recipe or Recipe()).validate()
+    runtime = (runtime or Runtime()).validate()
+    out = Path(out)
+    with captured_log() as buffer:
+        try:
+            names = parse_classes(classes) if isinstance(classes, str) else list(classes)
+            unlabeled = load_image_set(data, names, data_root)
+            test = load_image_set(test_data, names, data_root) if test_data else None
+            log.info(
+                "ueo %s adapt: %s/%s, %d classes, %d unlabeled images, method %s",
+                __version__,
+                model,
+                pretrained,
+                len(names),
+                len(unlabeled),
+                recipe.method,
+            )
+            net = load_model(
+                model,
+                pretrained,
+                names,
+                recipe,
+                device=runtime.device,
+                channels_last=runtime.channels_last,
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            result = adapt(net, unlabeled, recipe, runtime, test=test)
+            record = save_run(
+                out, net, result, {"data": str(data), "test_data": test_data and str(test_data)}
+            )
+            log.info("wrote %s (%.1f s)", out, result.wall_time_s)
+        finally:
+            if out.is_dir():
+                write_text(out / LOG_FILE, buffer.getvalue())
+    return record
+
+
+def eval_job(
+    data: str,
+    *,
+    adapter: str | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    classes: str | list[str] | None = None,
+    runtime: Runtime | None = None,
+    data_root: str | None = None,
+    out: str | os.PathLike | None = None,
+) -> dict:
+    """`ueo eval`: metrics of an adapter (or, without one, of the zero-shot `model`)."""
+    runtime = (runtime or Runtime()).validate()
+    if adapter:
+        net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+        precision = meta["recipe"]["precision"]
+        # The base weights used: the adapter's, or the `pretrained` that overrides them.
+        source = {
+            "adapter": str(adapter),
+            "model": meta["model"],
+            "pretrained": net.clip.pretrained,
+        }
+    else:
+        if not (model and classes):
+            raise UeoError("A zero-shot evaluation needs --model, --pretrained and --classes.")
+        names = parse_classes(classes) if isinstance(classes, str) else list(classes)
+        pretrained = pretrained or "openai"
+        net = load_model(
+            model, pretrained, names, device=runtime.device, channels_last=runtime.channels_last
+        )
+        precision = "fp32"
+        source = {"model": model, "pretrained": pretrained, "zeroshot": True}
+    images = load_image_set(data, net.class_names, data_root)
+    metrics = evaluate(net, images, runtime, precision=precision)
+    record = {**source, "data": str(data), "metrics": metrics}
+    if out:
+        write_json(Path(out) / METRICS_FILE, record)
+    return record
+
+
+def predict_job(
+    adapter: str,
+    images: str,
+    out: str | os.PathLike,
+    *,
+    pretrained: str | None = None,
+    threshold: float | None = None,
+    runtime: Runtime | None = None,
+    data_root: str | None = None,
+) -> dict:
+    """`ueo predict`: one CSV row per readable image; returns counts and the threshold used."""
+    runtime = (runtime or Runtime()).validate()
+    net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    threshold = threshold if threshold is not None else meta.get("threshold")
+    if threshold is None:
+        raise UeoError("The adapter stores no threshold; pass --threshold.")
+    image_set = load_image_set(images, meta["class_names"], data_root)
+    rows = predict(net, image_set, threshold, runtime, precision=meta["recipe"]["precision"])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out, buf.getvalue())
+    return {
+        "images": len(rows),
+        "unknown": sum(r["is_unknown"] for r in rows),
+        "skipped": len(image_set) - len(rows),
+        "threshold": threshold,
+        "out": str(out),
+    }

@@ -1,0 +1,136 @@
+"""What determines the numbers (`Recipe`) and how to run (`Runtime`), kept apart.
+
+A `Recipe` is the whole experiment: two runs with equal recipes on the same model and data
+compute the same result, whatever their `Runtime` (device aside, up to floating-point
+rounding). Its fingerprint is therefore what a benchmark sweep compares to decide whether a
+finished run can be reused. Both are plain data with no torch import, so the command line
+can be built and validated before any heavy library is loaded.
+
+Defaults are the reference recipe of docs/spec.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from ueo.errors import UeoError
+from ueo.methods import get_method
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUGMENTATIONS = ("default", "none")
+NORM_LAYERS = ("reference", "all")
+BAD_IMAGE_POLICIES = ("skip", "error")
+DEFAULT_CTX_INIT = "a photo of a"
+DEFAULT_SEED = 2023
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The settings that determine a run's numbers (docs/spec.md, "Optimisation defaults").
+
+    `norm_layers`: `reference` tunes the normalisation layers the authors' script tunes,
+    `all` every normalisation layer of the image tower (see ueo.model).
+    """
+
+    method: str = "ueo"
+    epochs: int = 50
+    batch_size: int = 64
+    lr_prompt: float = 1e-4
+    lr_norm: float = 1e-4
+    trade: float = 1.0
+    seed: int = DEFAULT_SEED
+    augment: str = "default"
+    precision: str = "fp32"
+    norm_layers: str = "reference"
+    n_ctx: int | None = None
+    ctx_init: str = DEFAULT_CTX_INIT
+
+    def validate(self) -> Recipe:
+        """Raise a one-line UeoError naming the first bad setting; returns self."""
+        get_method(self.method)
+        _check_int("epochs", self.epochs, 0)
+        _check_int("batch-size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_float("lr-prompt", self.lr_prompt)
+        _check_float("lr-norm", self.lr_norm)
+        _check_float("trade", self.trade)
+        _check_choice("augment", self.augment, AUGMENTATIONS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("norm-layers", self.norm_layers, NORM_LAYERS)
+        if self.n_ctx is not None:
+            _check_int("n-ctx", self.n_ctx, 1)
+        if not self.ctx_init.strip() and self.n_ctx is None:
+            raise UeoError("An empty --ctx-init means a random context: give --n-ctx >= 1.")
+        return self
+
+    def replace(self, **changes) -> Recipe:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of every field: equal recipes, equal fingerprints."""
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        """The recipe stored in a run's files; unknown keys are an error, not ignored."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UeoError(f"Unknown recipe setting(s): {', '.join(unknown)}.")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to run: never changes the numbers (up to floating-point rounding across devices).
+
+    `workers=None` picks data-loading processes from the CPUs this process may use.
+    `eval_every=N` also evaluates every N epochs during training (learning curves); 0 = only
+    before and after.
+    """
+
+    device: str = "auto"
+    workers: int | None = None
+    eval_batch_size: int = 256
+    progress: bool = True
+    compile: bool = False
+    on_bad_image: str = "skip"
+    channels_last: bool = True
+    eval_every: int = 0
+
+    def validate(self) -> Runtime:
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise UeoError("--device must be cpu, cuda, cuda:N or auto.")
+        if self.workers is not None:
+            _check_int("workers", self.workers, 0)
+        _check_int("eval-batch-size", self.eval_batch_size, 1)
+        _check_int("eval-every", self.eval_every, 0)
+        _check_choice("on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        return self
+
+    def replace(self, **changes) -> Runtime:
+        return replace(self, **changes)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UeoError(f"--{name} must be an integer >= {low}, not {value!r}.")
+
+
+def _check_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UeoError(f"--{name} must be a number, not {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise UeoError(f"--{name} must be a finite number >= 0, not {value!r}.")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UeoError(f"--{name} must be one of {', '.join(choices)}, not {value!r}.")
