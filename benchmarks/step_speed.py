@@ -1,12 +1,15 @@
 """Seconds per UEO training step: the reference step against ueo's step, same process.
 
-The reference step is SPEC.md's step written plainly, as the authors' script does it: every
-prompt padded to the full text context and run through the whole text transformer each step,
-fp32, frozen weights without gradients. ueo's step is `ueo.adaptation.training_step` on a model
-built the way `ueo adapt` builds it (exact shortcuts in `ueo.prompts`, channels_last).
+The reference step is the step of docs/spec.md written plainly, as the authors' script does
+it: every prompt padded to the full text context and run through the whole text transformer
+each step, fp32, frozen weights without gradients. ueo's step is
+`ueo.adaptation.training_step` with the registry's `ueo` method on a model built the way
+`ueo adapt` builds it (exact shortcuts in `ueo.prompts`, channels_last chosen at load time).
 
 Both start from the same random-init model (BatchNorm statistics calibrated on natural-looking
-images, so features depend on the input), see the same batch, and take the same SGD steps;
+images, so features depend on the input), tune the same groups (`configure_model` and
+`collect_params` with the reference recipe's norm layers), see the same batch, and take the
+same SGD steps;
 steps alternate between the two so that machine noise hits both alike. Step 1 is the warm-up;
 the reported time is the median of the following steps. Losses are compared at every step and
 every tuned tensor after 3 steps.
@@ -18,7 +21,6 @@ every tuned tensor after 3 steps.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -29,16 +31,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ueo.adaptation import AdaptConfig, make_optimizer, training_step
-from ueo.benchmarks import class_names
+from ueo.adaptation import training_step
+from ueo.bench.protocol import class_names
 from ueo.clip import calibrate_batchnorm, load_clip
-from ueo.model import UeoModel
-from ueo.objectives import mcm_score, ueo_loss
-from ueo.runtime import PRECISIONS, resolve_device
+from ueo.methods import get_method
+from ueo.model import UeoModel, collect_params, configure_model
+from ueo.objectives import LOGIT_SCALE, mcm_score, ueo_loss
+from ueo.recipe import PRECISIONS, Recipe
+from ueo.runtime import resolve_device
 
 CASES = [("RN50", 345), ("RN50", 65), ("ViT-B-16", 345), ("ViT-B-16", 65)]
 CLASS_LISTS = {345: "domainnet", 65: "officehome"}
 LR = 1e-3
+RECIPE = Recipe(lr_prompt=LR, lr_norm=LR)
+UEO = get_method("ueo")
+
+
+def sgd(model: UeoModel, recipe: Recipe) -> torch.optim.SGD:
+    """The optimiser `adapt` trains with: plain SGD over the recipe's tuned groups."""
+    configure_model(model, recipe)
+    groups = collect_params(model, recipe)
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
 
 
 def natural_images(n: int, size: int, seed: int) -> torch.Tensor:
@@ -88,11 +101,11 @@ class StepMemory:
 
 
 def reference_step(model: UeoModel, images, weights, optimizer) -> float:
-    """SPEC.md's step as the authors' script computes it: full 77-token prompts, fp32."""
+    """The step of docs/spec.md as the authors' script computes it: full prompts, fp32."""
     optimizer.zero_grad(set_to_none=True)
     text = model.prompt.reference_features()
     feats = F.normalize(model.net.encode_image(images), dim=-1)
-    loss = ueo_loss(100.0 * feats @ text.t(), weights)
+    loss = ueo_loss(LOGIT_SCALE * feats @ text.t(), weights)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -107,21 +120,25 @@ def run_case(
     precision: str,
     seed: int = 0,
 ) -> dict:
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clip = load_clip(model_name, "none", device)
+    clips = []
+    for channels_last in (False, True):  # one network, in the two memory layouts
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clips.append(load_clip(model_name, "none", device, channels_last=channels_last))
     names = class_names(CLASS_LISTS[n_classes])
-    images = natural_images(batch, clip.image_size, seed + 1).to(device)
-    calibrate_batchnorm(clip.model, natural_images(64, clip.image_size, seed + 2).to(device))
+    images = natural_images(batch, clips[0].image_size, seed + 1).to(device)
+    calibrate_batchnorm(
+        clips[0].model, natural_images(64, clips[0].image_size, seed + 2).to(device)
+    )
+    clips[1].model.load_state_dict(clips[0].model.state_dict())  # copy_ keeps each layout
 
-    ref = UeoModel(copy.deepcopy(clip), names, fast=False).to(device)
-    ours = UeoModel(clip, names).to(device)
-    ours.use_channels_last()
-    config = AdaptConfig(lr_prompt=LR, lr_norm=LR)
-    opt_ref, opt_ours = make_optimizer(ref, config), make_optimizer(ours, config)
+    ref = UeoModel(clips[0], names, fast=False).to(device)
+    ours = UeoModel(clips[1], names).to(device)
+    opt_ref, opt_ours = sgd(ref, RECIPE), sgd(ours, RECIPE)
     with torch.no_grad():
         weights = mcm_score(ref(images))
+    fixed = {"weight": weights}
 
     times = {"reference": [], "ueo": []}
     losses = {"reference": [], "ueo": []}
@@ -133,7 +150,7 @@ def run_case(
     for _ in range(steps):
         for name, fn in (
             ("reference", lambda: reference_step(ref, images, weights, opt_ref)),
-            ("ueo", lambda: training_step(ours, images, weights, opt_ours, "ueo")),
+            ("ueo", lambda: training_step(ours, images, fixed, opt_ours, UEO, RECIPE)),
         ):
             _sync(device)
             with StepMemory(device, params) as mem:
@@ -158,11 +175,12 @@ def run_case(
             }
     low_precision = {}
     if precision != "fp32":
+        low_recipe = RECIPE.replace(precision=precision)
         low_times = []
         for _ in range(steps):
             _sync(device)
             t0 = time.perf_counter()
-            training_step(ours, images, weights, opt_ours, "ueo", precision=precision)
+            training_step(ours, images, fixed, opt_ours, UEO, low_recipe)
             _sync(device)
             low_times.append(time.perf_counter() - t0)
         t_low = statistics.median(low_times[1:])
@@ -170,6 +188,14 @@ def run_case(
             f"ueo_s_per_step_{precision}": round(t_low, 4),
             f"images_per_s_ueo_{precision}": round(batch / t_low, 1),
         }
+        if device.type == "cuda":  # the step's FLOP rate against the card's matmul rate
+            achieved = step_flops(ours, images, weights, opt_ours, precision) / t_low / 1e12
+            peak = matmul_rate(device, precision)
+            low_precision |= {
+                f"achieved_tflops_{precision}": round(achieved, 1),
+                "matmul_peak_tflops": round(peak, 1),
+                "fraction_of_matmul_peak": round(achieved / peak, 4),
+            }
     param_diff = max(
         float((after3["reference"][k] - after3["ueo"][k]).abs().max()) for k in after3["ueo"]
     )
@@ -205,8 +231,9 @@ def step_flops(model, images, weights, optimizer, precision: str) -> float:
     """Matmul and convolution FLOPs of one step (forward and backward), as PyTorch counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    recipe = RECIPE.replace(precision=precision)
     with FlopCounterMode(display=False) as counter:
-        training_step(model, images, weights, optimizer, "ueo", precision=precision)
+        training_step(model, images, {"weight": weights}, optimizer, UEO, recipe)
     return float(counter.get_total_flops())
 
 

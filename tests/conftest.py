@@ -148,11 +148,15 @@ def seeded_calibrated_clip(load_clip, seed: int = 0):
 
 @pytest.fixture
 def calibrated_loads(monkeypatch):
-    """Every model that ueo.api loads (CLI included) is seeded and BatchNorm-calibrated."""
+    """Every model that ueo.api or a benchmark sweep loads (CLI included) is seeded and
+    BatchNorm-calibrated."""
     import ueo.api
+    import ueo.bench.sweep
     from ueo.clip import load_clip
 
-    monkeypatch.setattr(ueo.api, "load_clip", seeded_calibrated_clip(load_clip))
+    load = seeded_calibrated_clip(load_clip)
+    monkeypatch.setattr(ueo.api, "load_clip", load)
+    monkeypatch.setattr(ueo.bench.sweep, "load_clip", load)
 
 
 _CALIBRATED: dict = {}

@@ -1,15 +1,29 @@
-"""`ueo bench`: a whole grid over a fake Office-Home tree, its report, and resuming."""
+"""`ueo bench`: a whole grid over a fake Office-Home tree, its report, resuming, shards, and
+what makes a finished cell reusable (its recipe, never its runtime)."""
 
 import csv
 import json
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
-from conftest import draw
+from conftest import CLASSES, UNKNOWN, draw
 
-import ueo.sweep
-from ueo.benchmarks import class_names
-from ueo.cli import main
+import ueo.bench.sweep
+from ueo.bench.jobs import bench, bench_recipe, parse_shard
+from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, class_names
+from ueo.bench.suites import folder_suite
+from ueo.bench.sweep import Cell, Domain, Suite, Sweep, cell_fingerprint, plan, status
+from ueo.cli import build_parser, main
+from ueo.data import ImageSet
+from ueo.errors import UeoError
+from ueo.methods import METHODS, Method, get_method, method_names
+from ueo.recipe import Recipe, Runtime
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.filterwarnings("ignore:Model .* has RANDOM weights"),
+]
 
 
 @pytest.fixture
@@ -63,9 +77,11 @@ def bench_args(root, out, *extra):
 def test_bench_grid_report_and_resume(officehome, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
     zeroshot_passes = []
-    real_infer = ueo.sweep.infer
+    real_infer = ueo.bench.sweep.infer
     monkeypatch.setattr(
-        ueo.sweep, "infer", lambda *a, **k: zeroshot_passes.append(k["desc"]) or real_infer(*a, **k)
+        ueo.bench.sweep,
+        "infer",
+        lambda *a, **k: zeroshot_passes.append(k["desc"]) or real_infer(*a, **k),
     )
     assert main(bench_args(officehome, out)) == 0
     # One zero-shot pass per domain, shared by both scenarios, all methods and seeds.
@@ -101,7 +117,7 @@ def test_bench_grid_report_and_resume(officehome, tmp_path, monkeypatch, capsys)
 
     # Resume: nothing is recomputed, results are identical.
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.json")}
-    monkeypatch.setattr(ueo.sweep, "adapt", lambda *a, **k: pytest.fail("recomputed a cell"))
+    monkeypatch.setattr(ueo.bench.sweep, "adapt", lambda *a, **k: pytest.fail("recomputed a cell"))
     zeroshot_passes.clear()
     assert main(bench_args(officehome, out)) == 0
     assert zeroshot_passes == []
@@ -180,3 +196,176 @@ def test_bench_errors(officehome, tmp_path, capsys):
         == 2
     )
     assert "magic" in capsys.readouterr().err
+
+
+# --- the grid, shards and policy, without running a model --------------------------------------
+
+
+def small_suite(domains=("a", "b", "c")) -> Suite:
+    """A suite with no images: enough for planning (5 classes, 3 known)."""
+    empty = ImageSet([], [])
+    splits = {
+        "CDA": {"known": [0, 1, 2], "unlabeled": [0, 1, 2], "test": [0, 1, 2, 3, 4]},
+        "ODA": {"known": [0, 1, 2], "unlabeled": [0, 1, 2, 3], "test": [0, 1, 2, 3, 4]},
+        "PDA": {"known": [0, 1, 2], "unlabeled": [0, 1], "test": [0, 1, 2, 3, 4]},
+    }
+    names = ["v", "w", "x", "y", "z"]
+    return Suite("small", names, [Domain(d, empty, empty) for d in domains], splits)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_shards_cover_the_grid_exactly_once(n):
+    suite = small_suite()
+    sweep = Sweep(
+        "test-tiny-rn",
+        "none",
+        scenarios=["CDA", "ODA", "PDA"],
+        methods=["zeroshot", "ueo"],
+        seeds=[1, 2],
+    )
+    grid = plan(suite, sweep)
+    assert len(grid) == len(set(grid)) == 3 * 3 * 2 * 2
+    shards = [plan(suite, replace(sweep, shard=(k, n))) for k in range(n)]
+    together = [cell for shard in shards for cell in shard]
+    assert sorted(together, key=grid.index) == grid  # every cell, none twice
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
+    # Each shard keeps the grid's order (domain-major, so zero-shot passes are shared).
+    for shard in shards:
+        assert shard == [c for c in grid if c in shard]
+
+
+def test_shard_values_are_checked():
+    assert parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "-1/2", "0/0", "1", "a/b", "1/2/3"):
+        with pytest.raises(UeoError, match="K/N"):
+            parse_shard(bad)
+    with pytest.raises(UeoError, match="shard"):
+        plan(small_suite(), Sweep("m", "p", scenarios=["CDA"], shard=(2, 2)))
+
+
+def test_grid_is_checked_before_anything_runs():
+    suite = small_suite()
+    with pytest.raises(UeoError, match="twice"):
+        plan(suite, Sweep("m", "p", scenarios=["CDA", "CDA"]))
+    with pytest.raises(UeoError, match="OPDA"):
+        plan(suite, Sweep("m", "p", scenarios=["OPDA"]))
+    with pytest.raises(UeoError, match="No data for domain"):
+        plan(suite, Sweep("m", "p", scenarios=["CDA"], domains=["d"]))
+    with pytest.raises(UeoError, match="magic"):
+        plan(suite, Sweep("m", "p", scenarios=["CDA"], methods=["magic"]))
+
+
+def test_fingerprint_covers_the_whole_recipe_and_only_it():
+    """Every recipe setting but the per-cell method and seed changes a cell's fingerprint;
+    runtime settings never do."""
+    suite = small_suite(("a",))
+    sweep = Sweep("test-tiny-rn", "none", scenarios=["CDA"], methods=["ueo"], seeds=[1])
+    cell = Cell("a", "CDA", "ueo", 1)
+    base = cell_fingerprint(suite, sweep, cell)
+    changed = {
+        "epochs": 3,
+        "batch_size": 7,
+        "lr_prompt": 0.5,
+        "lr_norm": 0.5,
+        "trade": 0.25,
+        "augment": "none",
+        "precision": "bf16",
+        "norm_layers": "all",
+        "n_ctx": 4,
+        "ctx_init": "a picture of a",
+    }
+    per_cell = {"method", "seed"}
+    assert set(changed) | per_cell == {f.name for f in fields(Recipe)}  # a new field needs a line
+    for name, value in changed.items():
+        other = replace(sweep, recipe=sweep.recipe.replace(**{name: value}))
+        assert cell_fingerprint(suite, other, cell) != base, name
+    # Set by the cell, whatever the sweep's recipe says.
+    other = replace(sweep, recipe=sweep.recipe.replace(method="entmin", seed=99))
+    assert cell_fingerprint(suite, other, cell) == base
+    runtime = Runtime(
+        device="cpu",
+        workers=3,
+        eval_batch_size=5,
+        progress=False,
+        compile=True,
+        on_bad_image="error",
+        channels_last=False,
+    )
+    assert {f.name for f in fields(Runtime)} == set(vars(runtime))
+    assert cell_fingerprint(suite, replace(sweep, runtime=runtime), cell) == base
+    # The model and the cell's data count too.
+    assert cell_fingerprint(suite, replace(sweep, pretrained="openai"), cell) != base
+    assert cell_fingerprint(suite, sweep, Cell("a", "CDA", "ueo", 2)) != base
+
+
+def test_bench_defaults_come_from_the_protocol_and_the_registry(monkeypatch):
+    """A newly registered method is a CLI choice and a bench default; label-using ones are not
+    benchmark defaults; the default scenarios are the paper's four."""
+    monkeypatch.setitem(METHODS, "halfway", Method("halfway", "a test method", loss=lambda b: 0))
+    args = build_parser().parse_args(["bench", "--out", "x"])
+    assert args.scenarios.split(",") == list(PAPER_SCENARIOS) == Sweep("m", "p").scenarios
+    defaults = [m for m in method_names() if not get_method(m).needs_labels]
+    assert args.methods.split(",") == defaults == Sweep("m", "p").methods
+    assert "halfway" in defaults and "ueo-oracle" not in defaults
+    argv = ["adapt", "--model", "m", "--data", "d", "--classes", "c", "--out", "o"]
+    assert build_parser().parse_args([*argv, "--method", "halfway"]).method == "halfway"
+    assert Recipe(method="halfway").validate().method == "halfway"
+
+
+def test_bench_recipe_uses_each_datasets_reference_epochs():
+    for name, info in DATASETS.items():
+        assert bench_recipe(name).epochs == info.epochs
+    assert bench_recipe("DomainNet").epochs == 5 and bench_recipe("office31").epochs == 50
+    assert bench_recipe("domainnet", epochs=2, lr_norm=0.0) == Recipe(epochs=2, lr_norm=0.0)
+    assert bench_recipe(None) == Recipe()
+    with pytest.raises(UeoError, match="batch-size"):
+        bench_recipe("office31", batch_size=0)
+
+
+# --- a real tiny sweep: what recomputes a finished cell ----------------------------------------
+
+
+def test_recipe_change_recomputes_a_cell_and_runtime_change_does_not(
+    image_folder, tmp_path, monkeypatch, calibrated_loads
+):
+    suite = folder_suite(image_folder, CLASSES + UNKNOWN, known=3)
+    quiet = Runtime(device="cpu", workers=0, progress=False)
+    recipe = Recipe(epochs=1, batch_size=8, lr_prompt=1e-2, lr_norm=1e-2)
+    sweep = Sweep(
+        "test-tiny-rn", "none", recipe, quiet, scenarios=["ODA"], methods=["ueo"], seeds=[1]
+    )
+    out = tmp_path / "sweep"
+    adapted = []
+    real_adapt = ueo.bench.sweep.adapt
+    monkeypatch.setattr(
+        ueo.bench.sweep, "adapt", lambda *a, **k: adapted.append(a[2]) or real_adapt(*a, **k)
+    )
+    first = bench(suite, sweep, out)["results"]
+    assert adapted == [recipe.replace(method="ueo", seed=1)]
+    [(cell, record)] = first
+    metrics = cell.path(out) / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+
+    # Another runtime: nothing is recomputed, the stored numbers come back.
+    runtime = Runtime(
+        device="cpu", workers=2, eval_batch_size=7, progress=True, on_bad_image="error"
+    )
+    assert status(suite, replace(sweep, runtime=runtime), out) == [(cell, True)]
+    monkeypatch.setattr(ueo.bench.sweep, "adapt", lambda *a, **k: pytest.fail("recomputed"))
+    again = bench(suite, replace(sweep, runtime=runtime), out)["results"]
+    assert again == first and metrics.stat().st_mtime_ns == stamp
+
+    # Another recipe (a learning rate): the cell is recomputed, with the new recipe.
+    monkeypatch.setattr(
+        ueo.bench.sweep, "adapt", lambda *a, **k: adapted.append(a[2]) or real_adapt(*a, **k)
+    )
+    lower = replace(sweep, recipe=recipe.replace(lr_prompt=1e-3))
+    assert status(suite, lower, out) == [(cell, False)]
+    [(_, redone)] = bench(suite, lower, out)["results"]
+    assert adapted[-1].lr_prompt == 1e-3 and len(adapted) == 2
+    assert (
+        redone["recipe"]["lr_prompt"] == 1e-3
+        and redone["cell_fingerprint"] != (record["cell_fingerprint"])
+    )
+    assert metrics.stat().st_mtime_ns != stamp
+    assert json.loads(metrics.read_text())["recipe"]["lr_prompt"] == 1e-3

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import epoch_speed  # noqa: E402
 import step_speed  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.mark.parametrize("model", ["test-tiny-rn", "test-tiny-vit"])
 def test_step_speed_reference_and_ueo_steps_agree(model, capsys):

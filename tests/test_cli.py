@@ -11,13 +11,15 @@ import torch
 from conftest import CLASSES, UNKNOWN, draw, load_calibrated, make_folder
 from safetensors import safe_open
 
-from ueo.adaptation import METHODS, AdaptConfig, adapt
+from ueo.adaptation import adapt
 from ueo.api import load_adapted, save_run
 from ueo.cli import main
 from ueo.data import load_image_set
 from ueo.errors import UeoError
+from ueo.methods import method_names
 from ueo.metrics import METRIC_NAMES
 from ueo.model import CTX_NAME
+from ueo.recipe import Recipe, Runtime
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -26,6 +28,7 @@ pytestmark = [
 
 TINY = ["--model", "test-tiny-rn", "--pretrained", "none"]
 FAST = ["--workers", "0", "--quiet"]
+QUIET = Runtime(device="cpu", workers=0, progress=False)
 
 
 def adapt_argv(data, classes, out, *extra):
@@ -71,13 +74,18 @@ def test_adapt_eval_predict_round_trip(tmp_path, image_folder, classes_file, cal
     tensors, meta = read_adapter(run / "adapter.safetensors")
     bn = {k for k in tensors if k != CTX_NAME}
     assert CTX_NAME in tensors and tensors[CTX_NAME].shape == (4, 32)
-    assert len(bn) == 38 and all(k.startswith("visual.") for k in bn)
+    # The reference selection: 19 BatchNorms less the 4 projection shortcuts', 2 tensors each.
+    assert len(bn) == 30 and all(k.startswith("visual.") for k in bn)
     assert {"visual.bn1.weight", "visual.layer1.0.bn3.bias"} <= bn
+    assert not any("downsample" in k for k in bn)
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert meta["model"] == "test-tiny-rn" and meta["pretrained"] == "none"
     assert meta["class_names"] == CLASSES
-    assert meta["n_ctx"] == 4 and meta["ctx_init"] == "a photo of a"
-    assert meta["ueo_version"] == "0.1.0" and meta["method"] == "ueo"
+    assert meta["recipe"]["n_ctx"] is None and meta["recipe"]["ctx_init"] == "a photo of a"
+    assert meta["ueo_version"] == "0.1.0" and meta["recipe"]["method"] == "ueo"
+    assert Recipe.from_dict(meta["recipe"]) == Recipe(
+        method="ueo", epochs=2, batch_size=8, lr_prompt=0.01, lr_norm=0.01
+    )
     assert 0 < meta["threshold"] < 1
 
     # Training moved the context away from the embedding of "a photo of a".
@@ -91,8 +99,9 @@ def test_adapt_eval_predict_round_trip(tmp_path, image_folder, classes_file, cal
         m = record[phase]["unlabeled"]
         assert set(METRIC_NAMES) <= set(m) and (m["n"], m["n_id"], m["n_ood"]) == (30, 24, 6)
         assert all(0 <= m[k] <= 1 for k in METRIC_NAMES)
-    assert record["settings"]["method"] == "ueo" and record["settings"]["epochs"] == 2
-    assert record["settings"]["batch_size"] == 8 and record["settings"]["lr_prompt"] == 0.01
+    assert record["recipe"] == meta["recipe"]
+    assert record["fingerprint"] == Recipe.from_dict(meta["recipe"]).fingerprint()
+    assert record["data"] == str(image_folder) and record["test_data"] is None
     assert record["wall_time_s"] > 0 and record["skipped_images"] == 0
     assert [h["epoch"] for h in record["history"]] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in record["history"])
@@ -158,7 +167,7 @@ def test_adapt_with_random_weights_and_test_set(tmp_path, image_folder, classes_
     record = json.loads((run / "metrics.json").read_text())
     assert set(record["zeroshot"]) == set(record["adapted"]) == {"unlabeled", "test"}
     assert record["adapted"]["test"]["n"] == 10 and record["adapted"]["test"]["n_ood"] == 2
-    assert record["settings"]["test_data"] == str(test_set)
+    assert record["test_data"] == str(test_set)
     assert "ACC" in capsys.readouterr().out  # the metrics table
 
 
@@ -189,25 +198,24 @@ def test_random_context_round_trip(tmp_path, image_folder, classes_file, calibra
     argv = adapt_argv(image_folder, classes_file, run, "--ctx-init", "", "--n-ctx", "6")
     assert main([*argv, "--epochs", "1", "--method", "infomax"]) == 0
     tensors, meta = read_adapter(run / "adapter.safetensors")
-    assert tensors[CTX_NAME].shape == (6, 32) and meta["ctx_init"] == "" and meta["n_ctx"] == 6
+    assert tensors[CTX_NAME].shape == (6, 32)
+    assert meta["recipe"]["ctx_init"] == "" and meta["recipe"]["n_ctx"] == 6
     model, _ = load_adapted(run)
     assert torch.equal(model.prompt.ctx.detach(), tensors[CTX_NAME])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_through_the_api(method, image_folder, tmp_path):
     model = load_calibrated("test-tiny-rn")
     before = model.adapter_state()
     before = {k: v.clone() for k, v in before.items()}
     images = load_image_set(image_folder, CLASSES)
-    config = AdaptConfig(
-        method=method, epochs=1, batch_size=8, workers=0, lr_prompt=1e-2, lr_norm=1e-2
-    )
-    result = adapt(model, images, config, progress=False)
+    recipe = Recipe(method=method, epochs=1, batch_size=8, lr_prompt=1e-2, lr_norm=1e-2)
+    result = adapt(model, images, recipe, QUIET)
     after = model.adapter_state()
     zs, ad = result.metrics["zeroshot"]["unlabeled"], result.metrics["adapted"]["unlabeled"]
     assert set(METRIC_NAMES) <= set(zs) and set(METRIC_NAMES) <= set(ad)
-    assert result.config["method"] == method
+    assert result.recipe == recipe
     if method == "zeroshot":
         assert result.history == [] and ad == zs
         assert all(torch.equal(before[k], after[k]) for k in before)
@@ -223,7 +231,7 @@ def test_every_method_through_the_api(method, image_folder, tmp_path):
     assert record["adapted"] == result.metrics["adapted"]
     with pytest.warns(UserWarning, match="RANDOM"):
         rebuilt, meta = load_adapted(tmp_path / "run")
-    assert meta["method"] == method
+    assert meta["recipe"]["method"] == method
     assert all(torch.equal(v, after[k]) for k, v in rebuilt.adapter_state().items())
 
 
@@ -232,8 +240,8 @@ def test_adaptation_is_reproducible(image_folder):
     states = []
     for _ in range(2):
         model = load_calibrated("test-tiny-vit")
-        config = AdaptConfig(epochs=1, batch_size=8, workers=0, lr_prompt=1e-2, lr_norm=1e-2)
-        adapt(model, images, config, progress=False)
+        recipe = Recipe(epochs=1, batch_size=8, lr_prompt=1e-2, lr_norm=1e-2)
+        adapt(model, images, recipe, QUIET)
         states.append(model.adapter_state())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -247,7 +255,7 @@ def test_oracle_needs_labels(tmp_path):
     assert not images.labelled
     model = load_calibrated("test-tiny-rn")
     with pytest.raises(UeoError, match="labels"):
-        adapt(model, images, AdaptConfig(method="ueo-oracle", epochs=1, workers=0), progress=False)
+        adapt(model, images, Recipe(method="ueo-oracle", epochs=1), QUIET)
 
 
 def test_oracle_weights_follow_labels(image_folder):
@@ -257,8 +265,8 @@ def test_oracle_weights_follow_labels(image_folder):
     results = {}
     for method in ("ueo-oracle", "infomax"):
         model = load_calibrated("test-tiny-rn")
-        config = AdaptConfig(method=method, epochs=1, batch_size=8, workers=0, lr_prompt=1e-2)
-        adapt(model, known, config, progress=False)
+        recipe = Recipe(method=method, epochs=1, batch_size=8, lr_prompt=1e-2)
+        adapt(model, known, recipe, QUIET)
         results[method] = model.adapter_state()[CTX_NAME]
     torch.testing.assert_close(results["ueo-oracle"], results["infomax"], atol=1e-6, rtol=0)
 
@@ -335,7 +343,7 @@ def test_missing_weights_without_network_fails_fast(
 @pytest.mark.parametrize(
     ("classes", "expected"),
     [
-        ("red square\n\nblue stripes\n", r"Empty class name at .*classes\.txt:2"),
+        ("\n  \n", r"No class names in .*classes\.txt"),
         ("Red_Square\nblue\nred square\n", "Duplicated class name 'red square'"),
         ("cat\n" + " ".join(["very"] * 20) + " long\n", "too long for the text context of 24"),
     ],
@@ -438,8 +446,7 @@ def test_bad_images_in_unlabeled_and_test_sets_are_all_counted(tmp_path):
         str(test / "blue_stripes" / "000.png")
     )
     model = load_calibrated("test-tiny-rn")
-    config = AdaptConfig(epochs=1, batch_size=4, workers=0)
-    result = adapt(model, u, config, test=t, progress=False)
+    result = adapt(model, u, Recipe(epochs=1, batch_size=4), QUIET, test=t)
     assert result.skipped_images == 2
     assert result.metrics["adapted"]["unlabeled"]["n"] == 7
     assert result.metrics["adapted"]["test"]["n"] == 7
@@ -454,13 +461,14 @@ def test_models_command(capsys):
 def test_inference_matches_direct_forward(image_folder):
     """infer() and predict() against the model applied image by image, in input order."""
     from ueo.api import predict
-    from ueo.data import open_rgb
+    from ueo.images import open_rgb
     from ueo.inference import infer
 
     add_bad_images(image_folder)
     model = load_calibrated("test-tiny-rn")
     images = load_image_set(image_folder, CLASSES)
-    out = infer(model, images, torch.device("cpu"), batch_size=7, progress=False)
+    runtime = QUIET.replace(eval_batch_size=7)
+    out = infer(model, images, runtime)
     transform = model.clip.test_transform()
     readable = [i for i, p in enumerate(images.paths) if not p.endswith(("truncated.png", ".jpg"))]
     assert out.valid.tolist() == [i in readable for i in range(len(images))]
@@ -471,7 +479,7 @@ def test_inference_matches_direct_forward(image_folder):
     np.testing.assert_allclose(out.cos[readable], cos.numpy(), atol=1e-5)
     assert cos.std(dim=0).min() > 1e-3  # the images really differ
 
-    rows = predict(model, images, threshold=0.26, device="cpu", batch_size=7, progress=False)
+    rows = predict(model, images, threshold=0.26, runtime=runtime)
     assert [r["path"] for r in rows] == [images.paths[i] for i in readable]
     prob = torch.softmax(100 * cos, dim=-1)
     mcm = torch.softmax(cos, dim=-1).max(dim=-1).values

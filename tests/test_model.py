@@ -4,10 +4,12 @@ import pytest
 import torch
 from conftest import calibration_batch, load_calibrated
 
-from ueo.adaptation import AdaptConfig, make_optimizer, training_step
+from ueo.adaptation import training_step
 from ueo.errors import UeoError
-from ueo.model import CTX_NAME
+from ueo.methods import get_method
+from ueo.model import CTX_NAME, collect_params, configure_model, norm_parameters, tuning
 from ueo.objectives import entmin_loss, mcm_score, ueo_loss
+from ueo.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -30,31 +32,84 @@ def batch():
     return calibration_batch(16, seed=5)
 
 
+def _batchnorms(model) -> set[str]:
+    """The image tower's BatchNorm layers: its modules with running statistics."""
+    state = model.net.visual.state_dict()
+    return {k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")}
+
+
+def _affines(modules) -> set[str]:
+    return {f"visual.{m}.{p}" for m in modules for p in ("weight", "bias")}
+
+
 def test_rn_norm_parameters_are_the_batchnorm_affines():
     model = load_calibrated("test-tiny-rn")
-    names = set(model.norm_parameters())
-    # BatchNorm layers are the modules of the image tower with running statistics.
-    state = model.net.visual.state_dict()
-    bn = {k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")}
-    assert len(bn) == 19  # stem 3 + 4 stages x (3 + downsample)
-    assert names == {f"visual.{m}.{p}" for m in bn for p in ("weight", "bias")}
-    assert {"visual.bn1.weight", "visual.layer4.0.downsample.1.bias"} <= names
-    assert not any("attnpool" in n or "conv" in n for n in names)
-    for name, p in model.norm_parameters().items():
-        assert p is model.net.get_parameter(name)
+    bn = _batchnorms(model)
+    assert len(bn) == 19  # stem 3 + 4 stages x (3 + the projection shortcut's)
+    shortcut = {m for m in bn if ".downsample." in m}
+    assert len(shortcut) == 4
+    # `all`: every BatchNorm; `reference` (the default): all but the shortcuts' BatchNorms,
+    # which the authors' name rule (`bn` or `ln` in the name) misses.
+    assert set(model.norm_parameters("all")) == _affines(bn)
+    assert set(model.norm_parameters("reference")) == _affines(bn - shortcut)
+    assert set(model.norm_parameters()) == set(model.norm_parameters("reference"))
+    assert {"visual.bn1.weight", "visual.layer4.0.bn3.bias"} <= set(model.norm_parameters())
+    assert "visual.layer4.0.downsample.1.bias" in model.norm_parameters("all")
+    for which in ("reference", "all"):
+        names = set(model.norm_parameters(which))
+        assert not any("attnpool" in n or "conv" in n for n in names)
+        for name, p in model.norm_parameters(which).items():
+            assert p is model.net.get_parameter(name)
+    with pytest.raises(UeoError, match="--norm-layers"):
+        norm_parameters(model.net, "some")
 
 
 def test_vit_norm_parameters_are_the_visual_layernorm_affines():
     model = load_calibrated("test-tiny-vit")
-    assert set(model.norm_parameters()) == VIT_NORMS
+    # A ViT tower has no projection shortcut: both selections are every visual LayerNorm.
+    assert set(model.norm_parameters("reference")) == VIT_NORMS
+    assert set(model.norm_parameters("all")) == VIT_NORMS
     # The text tower's LayerNorms are not tuned.
     assert not any(n.startswith(("transformer.", "ln_final")) for n in model.norm_parameters())
 
 
-def test_model_stays_in_eval_mode():
+def test_train_keeps_the_module_contract_and_configure_model_freezes_statistics():
     model = load_calibrated("test-tiny-rn")
-    model.train()
+    model.train()  # the plain nn.Module behaviour, not a silent no-op
+    assert model.training and model.net.visual.training
+    assert configure_model(model, Recipe()) is model
     assert not any(m.training for m in model.modules())
+    model.train(False)
+    assert not model.training
+
+
+def test_configure_model_and_collect_params_follow_the_recipe():
+    model = load_calibrated("test-tiny-rn")
+    recipe = Recipe(lr_prompt=3e-4, lr_norm=2e-4, norm_layers="all")
+    configure_model(model, recipe)
+    tuned = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert tuned == {CTX_NAME} | {f"net.{n}" for n in model.norm_parameters("all")}
+    groups = collect_params(model, recipe)
+    assert [(g["name"], g["lr"]) for g in groups] == [("prompt", 3e-4), ("norm", 2e-4)]
+    assert groups[1]["params"] == list(model.norm_parameters("all").values())
+    # lr 0 freezes a group and leaves it out; the reference selection leaves out shortcuts.
+    recipe = Recipe(lr_prompt=0.0, norm_layers="reference")
+    configure_model(model, recipe)
+    assert not model.prompt.ctx.requires_grad
+    assert [g["name"] for g in collect_params(model, recipe)] == ["norm"]
+    assert not model.net.get_parameter("visual.layer1.0.downsample.1.weight").requires_grad
+    assert len(collect_params(model, recipe)[0]["params"]) == 30
+
+
+def test_tuning_freezes_everything_again_afterwards():
+    model = load_calibrated("test-tiny-rn")
+    with tuning(model, Recipe()) as groups:
+        assert {g["name"] for g in groups} == {"prompt", "norm"}
+        assert model.prompt.ctx.requires_grad
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(RuntimeError), tuning(model, Recipe()):
+        raise RuntimeError("a failed step")
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def state_copy(model):
@@ -67,12 +122,19 @@ def changed_keys(before, model):
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def step(model, batch, lr_prompt, lr_norm, method="ueo"):
-    config = AdaptConfig(lr_prompt=lr_prompt, lr_norm=lr_norm)
-    optimizer = make_optimizer(model, config)
+def sgd(model, recipe):
+    """The optimiser adapt() builds: plain SGD over the recipe's groups."""
+    configure_model(model, recipe)
+    groups = collect_params(model, recipe)
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
+
+
+def step(model, batch, lr_prompt, lr_norm, method="ueo", norm_layers="all"):
+    recipe = Recipe(method=method, lr_prompt=lr_prompt, lr_norm=lr_norm, norm_layers=norm_layers)
+    optimizer = sgd(model, recipe)
     with torch.no_grad():
         weights = mcm_score(model(batch))
-    loss = training_step(model, batch, weights, optimizer, method)
+    loss = training_step(model, batch, {"weight": weights}, optimizer, get_method(method), recipe)
     assert torch.isfinite(torch.tensor(loss))
     return optimizer
 
@@ -85,7 +147,7 @@ def test_training_step_changes_only_context_and_norm_affines(batch, name):
     assert torch.cdist(feats, feats).max() > 0.05  # input-dependent features
     before = state_copy(model)
     step(model, batch, 1e-2, 1e-2)
-    tuned = {f"net.{n}" for n in model.norm_parameters()}
+    tuned = {f"net.{n}" for n in model.norm_parameters("all")}
     assert changed_keys(before, model) == {CTX_NAME} | tuned
     # BatchNorm running statistics did not move (the tower stays in eval mode).
     stats = [k for k in before if k.endswith(("running_mean", "running_var", "batches_tracked"))]
@@ -93,7 +155,7 @@ def test_training_step_changes_only_context_and_norm_affines(batch, name):
     assert all(torch.equal(before[k], model.state_dict()[k]) for k in stats)
     # Real gradients reached the context and every norm affine; nothing else has one.
     assert model.prompt.ctx.grad.abs().max() > 1e-6
-    norm_grads = [p.grad for p in model.norm_parameters().values()]
+    norm_grads = [p.grad for p in model.norm_parameters("all").values()]
     assert all(g is not None for g in norm_grads)
     assert all(g.abs().max() > 1e-6 for g in norm_grads)
     others = [p for n, p in model.net.named_parameters() if f"net.{n}" not in tuned]
@@ -114,31 +176,32 @@ def test_lr_prompt_zero_freezes_context(batch):
     before = state_copy(model)
     optimizer = step(model, batch, 0.0, 1e-2)
     assert [g["name"] for g in optimizer.param_groups] == ["norm"]
-    assert changed_keys(before, model) == {f"net.{n}" for n in model.norm_parameters()}
+    assert changed_keys(before, model) == {f"net.{n}" for n in model.norm_parameters("all")}
     assert not model.prompt.ctx.requires_grad
 
 
-def test_both_lrs_zero_means_no_optimizer():
+def test_reference_norm_layers_leave_the_shortcuts_untouched(batch):
     model = load_calibrated("test-tiny-rn")
-    assert make_optimizer(model, AdaptConfig(lr_prompt=0.0, lr_norm=0.0)) is None
+    before = state_copy(model)
+    step(model, batch, 0.0, 1e-2, norm_layers="reference")
+    changed = changed_keys(before, model)
+    assert changed == {f"net.{n}" for n in model.norm_parameters("reference")}
+    assert not any("downsample" in k for k in changed)
 
 
-def test_optimizer_is_plain_sgd_with_two_groups():
-    model = load_calibrated("test-tiny-vit")
-    optimizer = make_optimizer(model, AdaptConfig(lr_prompt=3e-4, lr_norm=2e-4))
-    assert isinstance(optimizer, torch.optim.SGD)
-    groups = {g["name"]: g for g in optimizer.param_groups}
-    assert groups["prompt"]["lr"] == 3e-4 and groups["norm"]["lr"] == 2e-4
-    assert groups["prompt"]["params"] == [model.prompt.ctx]
-    assert len(groups["norm"]["params"]) == len(VIT_NORMS)
-    for g in groups.values():
-        assert g["momentum"] == 0 and g["weight_decay"] == 0
+def test_both_lrs_zero_means_no_parameter_group():
+    model = load_calibrated("test-tiny-rn")
+    recipe = Recipe(lr_prompt=0.0, lr_norm=0.0)
+    configure_model(model, recipe)
+    assert collect_params(model, recipe) == []
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_bf16_step_keeps_parameters_fp32(batch):
     model = load_calibrated("test-tiny-vit")
-    optimizer = make_optimizer(model, AdaptConfig(lr_prompt=1e-2, lr_norm=1e-2))
-    loss = training_step(model, batch, torch.ones(len(batch)), optimizer, "infomax", 1.0, "bf16")
+    recipe = Recipe(method="infomax", lr_prompt=1e-2, lr_norm=1e-2, precision="bf16")
+    optimizer = sgd(model, recipe)
+    loss = training_step(model, batch, {}, optimizer, get_method("infomax"), recipe)
     assert torch.isfinite(torch.tensor(loss))
     assert model.prompt.ctx.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.norm_parameters().values())
@@ -171,7 +234,8 @@ def test_training_step_loss_uses_logit_scale_100(batch, method):
         cos = model(batch)
         weights = mcm_score(cos)
         expected = ueo_loss(100 * cos, weights) if method == "ueo" else entmin_loss(100 * cos)
-    optimizer = make_optimizer(model, AdaptConfig())
-    loss = training_step(model, batch, weights, optimizer, method)
+    recipe = Recipe(method=method)
+    optimizer = sgd(model, recipe)
+    loss = training_step(model, batch, {"weight": weights}, optimizer, get_method(method), recipe)
     assert loss == pytest.approx(float(expected), abs=1e-5)
     assert abs(float(expected) - float(ueo_loss(cos, weights))) > 1e-3  # the scale matters

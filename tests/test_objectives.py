@@ -1,15 +1,15 @@
-"""The objectives of SPEC.md against values computed by hand."""
+"""The objectives of docs/spec.md and the method registry, against values computed by hand."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from ueo.adaptation import ORACLE_OOD_WEIGHT, objective, sample_weights
-from ueo.data import OOD, UNLABELED
 from ueo.errors import UeoError
+from ueo.methods import METHODS, Batch, Method, get_method, method_names, register
+from ueo.names import OOD, UNLABELED
 from ueo.objectives import entmin_loss, entropy, infomax_loss, mcm_score, ueo_loss
+from ueo.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -113,26 +113,107 @@ def test_mcm_is_max_softmax_of_raw_cosines():
     assert mcm_score(cos.half()).dtype == torch.float32
 
 
-def test_sample_weights_per_method():
-    cos = np.array([[0.3, 0.1], [0.2, 0.2], [0.0, 0.5]], dtype=np.float32)
-    labels = np.array([0, OOD, 1])
-    ueo = sample_weights("ueo", cos, labels)
-    assert ueo.tolist() == pytest.approx(mcm_score(torch.from_numpy(cos)).tolist())
-    assert ueo[0] == pytest.approx(1 / (1 + math.exp(-0.2)), rel=1e-6)
-    oracle = sample_weights("ueo-oracle", cos, labels)
-    assert oracle.tolist() == pytest.approx([1.0, ORACLE_OOD_WEIGHT, 1.0])
-    assert ORACLE_OOD_WEIGHT == 1e-3
-    for method in ("infomax", "entmin"):
-        assert sample_weights(method, cos, labels).tolist() == [1.0, 1.0, 1.0]
-    with pytest.raises(UeoError, match="labels"):
-        sample_weights("ueo-oracle", cos, np.array([UNLABELED] * 3))
+def softmax(row):
+    e = [math.exp(v - max(row)) for v in row]
+    return [x / sum(e) for x in e]
 
 
-def test_objective_dispatch():
-    w = torch.tensor([0.8, 0.2])
-    assert torch.equal(objective("ueo", LOGITS, w, 0.5), ueo_loss(LOGITS, w, 0.5))
-    assert torch.equal(objective("ueo-oracle", LOGITS, w, 0.5), ueo_loss(LOGITS, w, 0.5))
-    assert torch.equal(objective("infomax", LOGITS, w, 0.5), infomax_loss(LOGITS, 0.5))
-    assert torch.equal(objective("entmin", LOGITS, w, 0.5), entmin_loss(LOGITS))
-    with pytest.raises(UeoError):
-        objective("zeroshot", LOGITS, w, 1.0)
+def weighted_ueo_by_hand(probs, w, trade):
+    """Sum_i w_i H(p_i) / sum w  -  trade * H(sum_i p_i / w_i / sum 1/w), written out."""
+    conditional = sum(wi * h(p) for wi, p in zip(w, probs, strict=True)) / sum(w)
+    inv = [1 / wi for wi in w]
+    k = len(probs[0])
+    marginal = [sum(v * p[j] for v, p in zip(inv, probs, strict=True)) / sum(inv) for j in range(k)]
+    return conditional - trade * h(marginal)
+
+
+def test_oracle_weights_are_one_plus_eps_known_and_eps_unknown():
+    cos = torch.tensor([[0.3, 0.1], [0.2, 0.2], [0.0, 0.5]])
+    labels = torch.tensor([0, OOD, 1])
+    fixed = get_method("ueo-oracle").fixed(cos, labels, Recipe(method="ueo-oracle"))
+    assert set(fixed) == {"weight"}
+    assert fixed["weight"].tolist() == pytest.approx([1.001, 0.001, 1.001], rel=1e-6)
+    # The oracle's UEO loss is the weighted objective with exactly those weights.
+    batch = Batch(
+        logits=LOGITS,
+        image_features=torch.zeros(2, 4),
+        text_features=torch.zeros(3, 4),
+        fixed={"weight": fixed["weight"][:2]},
+        recipe=Recipe(method="ueo-oracle", trade=0.5),
+    )
+    expected = weighted_ueo_by_hand([P1, P2], [1.001, 0.001], 0.5)
+    # The unknown sample barely counts in the entropy term, and dominates the marginal.
+    assert expected == pytest.approx(
+        (1.001 * H1 + 0.001 * H2) / 1.002
+        - 0.5 * h([(P1[j] / 1.001 + P2[j] / 0.001) / (1 / 1.001 + 1 / 0.001) for j in range(3)])
+    )
+    assert float(get_method("ueo-oracle").loss(batch)) == pytest.approx(expected, rel=1e-5)
+    assert get_method("ueo-oracle").needs_labels and not get_method("ueo").needs_labels
+
+
+def test_ueo_weights_are_zero_shot_mcm():
+    cos = torch.tensor([[0.3, 0.1], [0.2, 0.2], [float("nan"), float("nan")]])
+    labels = torch.full((3,), UNLABELED)
+    weight = get_method("ueo").fixed(cos, labels, Recipe())["weight"]
+    # MCM of raw cosines (T = 1); an unreadable image's NaN row counts as all-equal cosines.
+    assert weight.tolist() == pytest.approx([1 / (1 + math.exp(-0.2)), 0.5, 0.5], rel=1e-6)
+
+
+# A 3-sample, 4-class batch: scaled logits, the zero-shot cosines they came from, and labels.
+COS = [[0.31, 0.22, 0.20, 0.25], [0.18, 0.30, 0.29, 0.21], [0.24, 0.24, 0.26, 0.23]]
+LABELS = [0, 1, OOD]
+TRADE = 0.7
+
+
+def _by_hand(method: str) -> float:
+    """Each trainable method's objective on COS / LABELS, from the formulas of docs/spec.md."""
+    probs = [softmax([100 * c for c in row]) for row in COS]
+    if method == "entmin":
+        return sum(h(p) for p in probs) / len(probs)
+    if method == "infomax":
+        return weighted_ueo_by_hand(probs, [1.0, 1.0, 1.0], TRADE)
+    if method == "ueo":
+        mcm = [max(softmax(row)) for row in COS]
+        return weighted_ueo_by_hand(probs, mcm, TRADE)
+    if method == "ueo-oracle":
+        oracle = [1.001 if y != OOD else 0.001 for y in LABELS]
+        return weighted_ueo_by_hand(probs, oracle, TRADE)
+    raise AssertionError(f"no hand computation for method {method!r}: add one with its test")
+
+
+@pytest.mark.parametrize("name", method_names(trains_only=True))
+def test_every_registered_method_matches_its_objective_by_hand(name):
+    method = get_method(name)
+    recipe = Recipe(method=name, trade=TRADE)
+    cos = torch.tensor(COS)
+    fixed = method.fixed(cos, torch.tensor(LABELS), recipe) if method.fixed else {}
+    for value in fixed.values():
+        assert value.shape[0] == len(COS)  # per-sample values
+    batch = Batch(
+        logits=100 * cos,
+        image_features=torch.eye(3, 8),
+        text_features=torch.eye(4, 8),
+        fixed=fixed,
+        recipe=recipe,
+    )
+    loss = method.loss(batch)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(_by_hand(name), rel=1e-5, abs=1e-6)
+
+
+def test_methods_differ_on_the_same_batch():
+    """The hand computations are not all one number (the test above could not see a mix-up)."""
+    values = [_by_hand(m) for m in method_names(trains_only=True)]
+    assert len({round(v, 6) for v in values}) == len(values)
+
+
+def test_zeroshot_does_not_train_and_the_registry_is_strict():
+    assert not get_method("zeroshot").trains and get_method("zeroshot").loss is None
+    assert "zeroshot" in method_names() and "zeroshot" not in method_names(trains_only=True)
+    with pytest.raises(UeoError, match="Unknown method 'magic'; choose from zeroshot, "):
+        get_method("magic")
+    with pytest.raises(UeoError, match="magic"):
+        Recipe(method="magic").validate()
+    with pytest.raises(ValueError, match="already registered"):
+        register(Method("ueo", "a second definition"))
+    assert list(METHODS) == method_names()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ueo.benchmarks import class_names
+from ueo.bench.prepare import prepare_lists
+from ueo.bench.protocol import class_names
 from ueo.errors import UeoError
-from ueo.prepare import prepare_lists
 
 _buffer = io.BytesIO()
 Image.new("RGB", (8, 8), (200, 30, 30)).save(_buffer, format="PNG")

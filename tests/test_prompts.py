@@ -9,7 +9,8 @@ from conftest import CLASSES
 
 from ueo.clip import load_clip
 from ueo.errors import UeoError
-from ueo.prompts import PromptLearner, prompt_text
+from ueo.names import normalize_name, spoken_name
+from ueo.prompts import PromptLearner
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -103,9 +104,11 @@ def test_paths_agree_in_values_and_gradients(tiny, name, ctx_init):
 
 def test_underscores_become_spaces(tiny):
     clip = tiny["test-tiny-rn"]
-    assert prompt_text("golden_retriever") == "golden retriever."
-    assert prompt_text("  ice_cream cone ") == "ice cream cone."
-    a = PromptLearner(clip.model, clip.tokenizer, ["green_circle", "ice_cream_cone"])
+    assert spoken_name("golden_retriever") == "golden retriever"
+    assert spoken_name("  ice_cream  cone ") == "ice cream cone"
+    assert spoken_name("The_Eiffel_Tower") == "The Eiffel Tower"  # case is kept for prompts
+    assert normalize_name("The_Eiffel_Tower") == normalize_name("the eiffel  tower")
+    a = PromptLearner(clip.model, clip.tokenizer, ["green_circle", " ice_cream_cone "])
     b = PromptLearner(clip.model, clip.tokenizer, ["green circle", "ice cream cone"])
     with torch.no_grad():
         torch.testing.assert_close(a(), b(), atol=0, rtol=0)

@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ueo import testbed as tb
+from ueo.demo import testbed as tb
 from ueo.errors import UeoError
 
 SCALE = 0.05  # 30 train, 5 test per class; 2 unlabeled + 2 test per class and domain
