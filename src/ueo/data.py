@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ueo.errors import UeoError
 from ueo.images import open_rgb
@@ -351,13 +351,26 @@ def make_loader(
     device: torch.device,
     seed: int = 0,
 ) -> DataLoader:
-    """A loader that keeps an accelerator fed: worker processes, pinned memory, reuse."""
+    """A loader that keeps an accelerator fed: worker processes, pinned memory, reuse.
+
+    A shuffled loader visits the images in the order of a `RandomSampler` with its own
+    generator seeded `seed`: epoch e is the e-th `torch.randperm(n)` of that generator, whatever
+    the number of workers. (Shuffling with the loader's generator would not do: a loader draws
+    its workers' base seed from it on every `iter()` unless its workers persist, so the order
+    from the second epoch on would depend on `workers`.)
+    """
+    dataset = ImageDataset(images, transform)
+    sampler = None
+    if shuffle:
+        order = torch.Generator()
+        order.manual_seed(seed)
+        sampler = RandomSampler(dataset, generator=order)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
-        ImageDataset(images, transform),
+        dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",

@@ -21,8 +21,10 @@ except ImportError as exc:  # an extra: the core runs without it
     ) from exc
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TABLE_METRICS = ("acc", "auroc", "h")
+CURVE_METRICS = ("acc", "auroc")
 METRIC_TITLES = {"acc": "ACC", "gacc": "GACC", "auroc": "AUROC", "fpr95": "FPR95", "h": "H-score"}
 
 
@@ -60,6 +62,32 @@ def method_plot(summary_mean: dict, scenario: str, path: Path):
     ax.set_ylabel("%")
     ax.set_title(f"{scenario}: methods compared (test set, mean over domains)")
     ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def curve_plot(lines: dict[str, dict[int, dict]], scenario: str, path: Path) -> Path:
+    """ACC and AUROC (test set, mean over domains) against epochs, one line per method.
+
+    `lines[method][epoch][metric]`; a method evaluated only before training (zero-shot) is a
+    dashed horizontal line.
+    """
+    last = max(e for points in lines.values() for e in points)
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.3))
+    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+        for method, points in lines.items():
+            xs = [e for e, v in points.items() if v[metric] is not None]
+            ys = [100 * points[e][metric] for e in xs]
+            if len(xs) == 1:
+                ax.plot([0, last], ys * 2, "--", lw=1.2, label=method)
+            elif xs:
+                ax.plot(xs, ys, "-o", ms=3, lw=1.4, label=method)
+        ax.set_title(
+            f"{scenario}: {METRIC_TITLES[metric]} (test set, mean over domains)", fontsize=9
+        )
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("%")
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ueo.bench.plots import METRIC_TITLES, TABLE_METRICS, method_plot
+from ueo.bench.plots import CURVE_METRICS, METRIC_TITLES, TABLE_METRICS, curve_plot, method_plot
 from ueo.io import write_json, write_text
 from ueo.metrics import METRIC_NAMES
 from ueo.reports import fmt
@@ -77,6 +77,36 @@ def summary(results: list, settings: dict, metric_set: str = "test") -> dict:
     return {"mean": mean, "domains": domains, "settings": settings}
 
 
+def learning_curves(results: list, metric_set: str = "test") -> dict:
+    """{scenario: {method: {epoch: {"acc", "auroc"}}}} from the cells' `curves` (--eval-every).
+
+    As in `summary`, seeds are averaged within a domain, then domains are averaged. A scenario
+    appears only when some cell was evaluated between epoch 0 (zero-shot) and its last epoch.
+    """
+    per: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    inner: set[str] = set()
+    for cell, record in results:
+        points = record.get("curves") or []
+        last = max((p["epoch"] for p in points), default=0)
+        if any(0 < p["epoch"] < last for p in points):
+            inner.add(cell.scenario)
+        for p in points:
+            if p.get(metric_set):
+                per[cell.scenario][cell.method][p["epoch"]][cell.domain].append(p[metric_set])
+    out: dict = {}
+    for scenario in (s for s in per if s in inner):
+        out[scenario] = {}
+        for method, epochs in per[scenario].items():
+            out[scenario][method] = {
+                epoch: {
+                    k: _mean([_mean([r[k] for r in runs]) for runs in domains.values()])
+                    for k in CURVE_METRICS
+                }
+                for epoch, domains in sorted(epochs.items())
+            }
+    return out
+
+
 def markdown(results: list, title: str, metric_set: str = "test") -> str:
     """The paper's layout: per scenario and metric, rows = methods, columns = domains + Avg."""
     table: dict = defaultdict(list)
@@ -131,13 +161,17 @@ def write_csv(path: Path, table: list[dict]) -> Path:
 
 
 def write_report(results: list, out: Path, title: str, settings: dict) -> dict[str, Path]:
-    """results.csv, results.json, results.md and one plot per scenario, all from the cells."""
+    """results.csv, results.json, results.md and one plot per scenario, all from the cells;
+    with learning curves (--eval-every), also ACC and AUROC against epochs per scenario."""
     out.mkdir(parents=True, exist_ok=True)
     written = {"csv": write_csv(out / "results.csv", rows(results))}
     data = summary(results, settings)
+    data["curves"] = learning_curves(results)
     written["json"] = write_json(out / "results.json", data)
     written["md"] = write_text(out / "results.md", markdown(results, title) + "\n")
     (out / "plots").mkdir(exist_ok=True)
     for s in data["mean"]:
         written[f"plot_{s}"] = method_plot(data["mean"], s, out / "plots" / f"{s}.png")
+    for s, lines in data["curves"].items():
+        written[f"curves_{s}"] = curve_plot(lines, s, out / "plots" / f"curves_{s}.png")
     return written
