@@ -187,6 +187,7 @@ def _train(
         keep = fixed[TRAIN_MASK].cpu().numpy().astype(bool)
         if not keep.any():
             raise UeoError(f"Method {method.name} selected no unlabeled image to train on.")
+        log.info("%s trains on %d of %d unlabeled images", method.name, keep.sum(), len(keep))
         unlabeled = unlabeled.subset(keep)
         fixed = {k: v[torch.from_numpy(keep)] for k, v in fixed.items()}
     transform = (

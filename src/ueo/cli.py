@@ -47,6 +47,9 @@ RECIPE_OPTIONS: dict[str, tuple] = {
     ),
     "n_ctx": (int, "context tokens (default: length of --ctx-init)", None),
     "ctx_init": (str, "context initialisation ('' = random, needs --n-ctx)", None),
+    "pouf_transport": (float, "pouf: weight of the conditional-transport term", None),
+    "pouf_im": (float, "pouf: weight of the information-maximisation term", None),
+    "upl_k": (int, "upl: pseudo-labelled images kept per predicted class", None),
 }
 BENCH_GRID_FIELDS = ("method", "seed")  # bench takes lists of these: --methods, --seeds
 

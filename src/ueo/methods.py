@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING
 
 from ueo.errors import UeoError
 from ueo.names import OOD
-from ueo.objectives import entmin_loss, infomax_loss, mcm_score, ueo_loss
+from ueo.objectives import (
+    entmin_loss,
+    infomax_loss,
+    mcm_score,
+    pouf_loss,
+    ueo_loss,
+    upl_loss,
+    upl_select,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -89,8 +97,20 @@ def _oracle_weights(cos: Tensor, labels: Tensor, recipe: Recipe) -> dict[str, Te
     return {"weight": (labels != OOD).float() + ORACLE_EPS}
 
 
+def _upl_pseudo_labels(cos: Tensor, labels: Tensor, recipe: Recipe) -> dict[str, Tensor]:
+    pseudo, selected = upl_select(cos, recipe.upl_k)
+    return {"label": pseudo, TRAIN_MASK: selected}
+
+
 def _weighted_ueo(batch: Batch) -> Tensor:
     return ueo_loss(batch.logits, batch.fixed["weight"], batch.recipe.trade)
+
+
+def _pouf(batch: Batch) -> Tensor:
+    r = batch.recipe
+    return pouf_loss(
+        batch.logits, batch.image_features, batch.text_features, r.pouf_transport, r.pouf_im
+    )
 
 
 register(Method("zeroshot", "no training: the pretrained model with the initial prompts"))
@@ -106,6 +126,22 @@ register(
         "infomax",
         "InfoMax / SHOT-IM: mean entropy minus trade x entropy of the mean prediction",
         loss=lambda b: infomax_loss(b.logits, b.recipe.trade),
+    )
+)
+register(
+    Method(
+        "pouf",
+        "POUF: conditional transport between images and class prompts, plus information "
+        "maximisation",
+        loss=_pouf,
+    )
+)
+register(
+    Method(
+        "upl",
+        "UPL: cross-entropy on the zero-shot pseudo-labels of the top-K images per class",
+        loss=lambda b: upl_loss(b.logits, b.fixed["label"]),
+        fixed=_upl_pseudo_labels,
     )
 )
 register(

@@ -32,7 +32,8 @@ class Recipe:
     """The settings that determine a run's numbers (docs/spec.md, "Optimisation defaults").
 
     `norm_layers`: `reference` tunes the normalisation layers the authors' script tunes,
-    `all` every normalisation layer of the image tower (see ueo.model).
+    `all` every normalisation layer of the image tower (see ueo.model). The `pouf_*` and
+    `upl_*` settings are those methods' own (docs/method.md); other methods ignore them.
     """
 
     method: str = "ueo"
@@ -47,6 +48,9 @@ class Recipe:
     norm_layers: str = "reference"
     n_ctx: int | None = None
     ctx_init: str = DEFAULT_CTX_INIT
+    pouf_transport: float = 1.0
+    pouf_im: float = 0.3
+    upl_k: int = 16
 
     def validate(self) -> Recipe:
         """Raise a one-line UeoError naming the first bad setting; returns self."""
@@ -62,6 +66,9 @@ class Recipe:
         _check_choice("norm-layers", self.norm_layers, NORM_LAYERS)
         if self.n_ctx is not None:
             _check_int("n-ctx", self.n_ctx, 1)
+        _check_float("pouf-transport", self.pouf_transport)
+        _check_float("pouf-im", self.pouf_im)
+        _check_int("upl-k", self.upl_k, 1)
         if not self.ctx_init.strip() and self.n_ctx is None:
             raise UeoError("An empty --ctx-init means a random context: give --n-ctx >= 1.")
         return self

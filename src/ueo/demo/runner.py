@@ -48,6 +48,12 @@ def testbed_suite(testbed, domains: list[str] | None = None) -> Suite:
     return Suite("testbed", list(names), suite_domains, splits)
 
 
+def demo_methods() -> list[str]:
+    """Every label-free method and the oracle: the testbed is labelled, so the ceiling of
+    better sample weights can be shown beside the methods."""
+    return [*default_methods(), "ueo-oracle"]
+
+
 def demo_recipe(quick: bool = False) -> Recipe:
     return DEMO_RECIPE.replace(epochs=QUICK_EPOCHS) if quick else DEMO_RECIPE
 
@@ -74,7 +80,7 @@ def run_demo(
         pretrained="bundled",
         recipe=recipe or demo_recipe(quick),
         runtime=runtime or Runtime(device="cpu", workers=0),
-        methods=methods or default_methods(),
+        methods=methods or demo_methods(),
     )
     report = bench(suite, sweep, out, title=f"ueo demo: {model} on the offline testbed")
     figures(report["results"], out)
