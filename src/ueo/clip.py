@@ -161,9 +161,9 @@ def _create_from_file(name: str, path: str) -> torch.nn.Module:
         return open_clip.create_model(name, pretrained=path)
     except Exception as exc:  # open_clip raises many types for a bad file
         raise UeoError(
-            f"Could not load checkpoint file {path} into model {name}: {exc}. The file must be "
-            "an open_clip state dict (.safetensors, or .pt/.bin loadable with weights_only=True) "
-            "for this architecture."
+            f"Could not load checkpoint file {path} into model {name}: {_first_line(exc)}. The "
+            "file must be an open_clip state dict (.safetensors, or .pt/.bin loadable with "
+            "weights_only=True) for this architecture."
         ) from exc
 
 
