@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ueo import __version__
 from ueo.api import adapt, evaluate, load_adapted, load_model, predict, save_run
+from ueo.clip import check_model
 from ueo.data import load_image_set, parse_classes
 from ueo.errors import UeoError
 from ueo.io import check_output_dir, check_output_file, load_adapter, write_json, write_text
@@ -40,8 +41,9 @@ def adapt_job(
 ) -> dict:
     """`ueo adapt`: adapt on `data`, write adapter.safetensors, metrics.json and log.txt."""
     recipe = (recipe or Recipe()).validate()
-    runtime = checked_runtime(runtime)
+    runtime = checked_runtime(runtime, recipe.precision)
     out = check_output_dir(out)
+    check_model(model, pretrained)
     with captured_log() as buffer:
         try:
             names = parse_classes(classes) if isinstance(classes, str) else list(classes)
@@ -94,7 +96,7 @@ def eval_job(
     if adapter:
         if model or classes:
             raise UeoError("--model and --classes go with --zeroshot; an adapter names its own.")
-        _, meta = load_adapter(adapter)
+        meta = adapter_metadata(adapter, runtime, pretrained)
         images = load_image_set(data, meta["class_names"], data_root)
         net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
         precision = meta["recipe"]["precision"]
@@ -107,9 +109,10 @@ def eval_job(
     else:
         if not (model and classes):
             raise UeoError("A zero-shot evaluation needs --model, --pretrained and --classes.")
+        pretrained = pretrained or "openai"
+        check_model(model, pretrained)
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
         images = load_image_set(data, names, data_root)
-        pretrained = pretrained or "openai"
         net = load_model(
             model, pretrained, names, device=runtime.device, channels_last=runtime.channels_last
         )
@@ -136,7 +139,7 @@ def predict_job(
     runtime = checked_runtime(runtime)
     check_threshold(threshold)
     out = check_output_file(out)
-    _, meta = load_adapter(adapter)
+    meta = adapter_metadata(adapter, runtime, pretrained)
     threshold = threshold if threshold is not None else meta.get("threshold")
     if threshold is None:
         raise UeoError("The adapter stores no threshold; pass --threshold.")
@@ -165,3 +168,17 @@ def check_threshold(threshold: float | None) -> None:
         raise UeoError(f"--threshold must be a number in [0, 1], not {threshold!r}.")
     if not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
         raise UeoError(f"--threshold must be in [0, 1] (an MCM score), not {threshold}.")
+
+
+def adapter_metadata(adapter: str | os.PathLike, runtime: Runtime, pretrained: str | None) -> dict:
+    """An adapter's metadata once its recipe, model and base weights (or the `pretrained` that
+    overrides them) and the runtime's device for its precision are known to be usable; only
+    the small adapter file is read."""
+    _, meta = load_adapter(adapter)
+    try:
+        recipe = Recipe.from_dict(meta["recipe"]).validate()
+    except UeoError as exc:
+        raise UeoError(f"Adapter {adapter} stores an invalid recipe: {exc}") from None
+    checked_runtime(runtime, recipe.precision)
+    check_model(meta["model"], pretrained or meta["pretrained"])
+    return meta

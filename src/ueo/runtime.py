@@ -41,11 +41,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def checked_runtime(runtime: Runtime | None = None) -> Runtime:
-    """`runtime` validated and its device resolved, so that a missing GPU is reported before
-    any data or model is loaded."""
+def checked_runtime(runtime: Runtime | None = None, precision: str = "fp32") -> Runtime:
+    """`runtime` validated, its device resolved and able to run `precision`, so that a missing
+    GPU is reported before any data or model is loaded."""
     runtime = (runtime or Runtime()).validate()
-    resolve_device(runtime.device)
+    autocast(resolve_device(runtime.device), precision)
     return runtime
 
 

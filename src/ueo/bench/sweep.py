@@ -20,7 +20,7 @@ import torch
 
 from ueo.adaptation import adapt
 from ueo.bench.protocol import PAPER_SCENARIOS, SCENARIOS
-from ueo.clip import LoadedClip, load_clip
+from ueo.clip import LoadedClip, check_model, load_clip
 from ueo.data import OOD, ImageSet
 from ueo.errors import UeoError
 from ueo.inference import Outputs, infer
@@ -113,7 +113,8 @@ class Sweep:
         A value listed twice is an error: it would count one run as two in the mean and std.
         """
         self.recipe.validate()
-        checked_runtime(self.runtime)
+        checked_runtime(self.runtime, self.recipe.precision)
+        check_model(self.model, self.pretrained)
         grid = {"methods": self.methods, "scenarios": self.scenarios, "seeds": self.seeds}
         if self.domains is not None:
             grid["domains"] = self.domains
