@@ -46,7 +46,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     try:
         if path.exists() and not path.is_dir():
             raise UeoError(f"{what} {path} is a file, not a directory.")
-        _check_writable(_existing_folder(path, what), path, what)
+        _check_writable(_existing_folder(path, path, what), path, what)
     except OSError as exc:  # e.g. a name too long for the file system
         raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
     return path
@@ -61,15 +61,15 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
             raise UeoError(f"{what} {path} is a directory; give a file name.")
         if path.exists() and not path.is_file():
             raise UeoError(f"{what} {path} exists and is not a regular file.")
-        _check_writable(_existing_folder(path.parent, what), path, what)
+        _check_writable(_existing_folder(path.parent, path, what), path, what)
     except OSError as exc:
         raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
     return path
 
 
-def _existing_folder(path: Path, what: str) -> Path:
-    """`path` if it is a directory, else its nearest existing ancestor, which must be one."""
-    for folder in (path, *path.absolute().parents):
+def _existing_folder(start: Path, path: Path, what: str) -> Path:
+    """`start` if it is a directory, else its nearest existing ancestor, which must be one."""
+    for folder in (start, *start.absolute().parents):
         if folder.exists():
             if not folder.is_dir():
                 raise UeoError(f"{what} {path}: {folder} is a file, not a directory.")
