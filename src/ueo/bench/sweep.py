@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -315,5 +316,9 @@ def _save_scores(path: Path, result, test: ImageSet) -> None:
 
 def load_scores(run_dir: Path) -> dict[str, np.ndarray]:
     """Read a cell's scores.npz (plain arrays: no pickle is ever loaded)."""
-    with np.load(run_dir / SCORES_FILE, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    path = run_dir / SCORES_FILE
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # object arrays: ValueError
+        raise UeoError(f"{path} is not a file of plain score arrays: {exc}") from None
