@@ -59,7 +59,10 @@ def load_adapted(
     """Rebuild an adapted model from its adapter file (base weights named in its metadata,
     unless `pretrained` overrides them)."""
     tensors, meta = load_adapter(adapter)
-    recipe = Recipe.from_dict(meta["recipe"])
+    try:
+        recipe = Recipe.from_dict(meta["recipe"]).validate()
+    except UeoError as exc:
+        raise UeoError(f"Adapter {adapter} stores an invalid recipe: {exc}") from None
     model = load_model(
         meta["model"],
         pretrained or meta["pretrained"],

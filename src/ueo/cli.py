@@ -305,8 +305,6 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from ueo.jobs import predict_job
 
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise UeoError(f"--threshold must be in [0, 1] (an MCM score), not {args.threshold}.")
     runtime = runtime_of(args)
     summary = predict_job(
         args.adapter,
@@ -378,7 +376,17 @@ def cmd_bench(args) -> int:
     except ValueError:
         raise UeoError(f"--seeds must be integers, not {args.seeds!r}.") from None
     recipe = bench_recipe(args.dataset, **recipe_settings(args))
-    runtime = runtime_of(args)
+    sweep = Sweep(
+        model=args.model,
+        pretrained=args.pretrained,
+        recipe=recipe,
+        runtime=runtime_of(args),
+        scenarios=[s.upper() for s in _split(args.scenarios) or []],
+        methods=_split(args.methods) or [],
+        seeds=seeds,
+        domains=_split(args.domains),
+        shard=shard,
+    ).validate()
     _setup_logging(args.quiet, epochs=False)
     suite = bench_suite(
         args.out,
@@ -391,17 +399,7 @@ def cmd_bench(args) -> int:
         known_classes=_split(args.known_classes),
         domains=_split(args.domains),
     )
-    sweep = Sweep(
-        model=args.model,
-        pretrained=args.pretrained,
-        recipe=recipe,
-        runtime=runtime,
-        scenarios=[s.upper() for s in _split(args.scenarios) or []],
-        methods=_split(args.methods) or [],
-        seeds=seeds,
-        domains=canonical_domains(suite, _split(args.domains)),
-        shard=shard,
-    )
+    sweep.domains = canonical_domains(suite, sweep.domains)
     if args.dry_run:
         cells = status(suite, sweep, args.out)
         for cell, done in cells:

@@ -161,13 +161,27 @@ def _create_from_file(name: str, path: str) -> torch.nn.Module:
         return open_clip.create_model(name, pretrained=path)
     except Exception as exc:  # open_clip raises many types for a bad file
         raise UeoError(
-            f"Could not load checkpoint file {path} into model {name}: {exc}. The file must be "
-            "an open_clip state dict (.safetensors, or .pt/.bin loadable with weights_only=True) "
-            "for this architecture."
+            f"Could not load checkpoint file {path} into model {name}: {_first_line(exc)}. The "
+            "file must be an open_clip state dict (.safetensors, or .pt/.bin loadable with "
+            "weights_only=True) for this architecture."
         ) from exc
 
 
-def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
+def check_model(model: str, pretrained: str) -> str:
+    """The canonical name of `model`, once it and its weights `pretrained` are known to exist
+    (a registered source, `none`, a file or a published tag); nothing is loaded or downloaded,
+    so a misspelt name is reported before any data is read."""
+    name = canonical_model_name(model)
+    if not (
+        pretrained in WEIGHT_SOURCES
+        or pretrained.lower() == RANDOM_WEIGHTS
+        or os.path.isfile(pretrained)
+    ):
+        _check_tag(name, pretrained)
+    return name
+
+
+def _check_tag(name: str, tag: str) -> None:
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag not in tags:
         available = ", ".join(tags) if tags else "none published"
@@ -176,6 +190,10 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
             f"Tags for {name}: {available}. Or pass a local checkpoint file, "
             f"{', '.join(f'`{t}`' for t in WEIGHT_SOURCES)} or `none`."
         )
+
+
+def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
+    _check_tag(name, tag)
     try:
         with quiet_root_logger():  # our one-line error says what open_clip's log would
             return _create_cached_or_download(name, tag)

@@ -35,6 +35,58 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Fail early, in one line, unless `path` is (or can be made) a writable directory.
+
+    Called before any model or data is loaded, so that a mistyped output path costs nothing.
+    Writability is tested by creating and removing a temporary file in the directory, or in
+    its nearest existing ancestor when it does not exist yet (nothing is left behind).
+    """
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UeoError(f"{what} {path} is a file, not a directory.")
+        _check_writable(_existing_folder(path, path, what), path, what)
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Fail early, in one line, unless `path` can be written as a regular file (replaced
+    atomically if it exists): not a directory, a device or a pipe, in a writable place."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise UeoError(f"{what} {path} is a directory; give a file name.")
+        if path.exists() and not path.is_file():
+            raise UeoError(f"{what} {path} exists and is not a regular file.")
+        _check_writable(_existing_folder(path.parent, path, what), path, what)
+    except OSError as exc:
+        raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
+    return path
+
+
+def _existing_folder(start: Path, path: Path, what: str) -> Path:
+    """`start` if it is a directory, else its nearest existing ancestor, which must be one."""
+    for folder in (start, *start.absolute().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UeoError(f"{what} {path}: {folder} is a file, not a directory.")
+            return folder
+    raise UeoError(f"{what} {path}: no existing parent directory.")
+
+
+def _check_writable(folder: Path, path: Path, what: str) -> None:
+    """Create and remove a temporary file in `folder`: the one sure test of writability."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ueo-write-test.", dir=folder)
+    except OSError as exc:
+        raise UeoError(f"{what} {path} is not writable ({folder}: {exc.strerror}).") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -73,16 +125,53 @@ def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read an adapter; safetensors never executes code, so any file is safe to open."""
     path = Path(path)
-    if path.is_dir():
-        path = path / ADAPTER_FILE
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            path = path / ADAPTER_FILE
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise UeoError(f"Adapter {path}: {exc.strerror}.") from None
+    if not found:
         raise UeoError(f"Adapter file {path} not found.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types
-        raise UeoError(f"{path} is not a readable safetensors adapter: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UeoError(f"{path} is not a readable safetensors adapter: {reason}") from exc
     if "ueo" not in meta:
         raise UeoError(f"{path} has no ueo metadata; it was not written by `ueo adapt`.")
-    return tensors, json.loads(meta["ueo"])
+    return tensors, _check_metadata(path, meta["ueo"])
+
+
+def _check_metadata(path: Path, text: str) -> dict:
+    """The adapter's JSON metadata, with the fields a model is rebuilt from checked."""
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise UeoError(f"{path}: its ueo metadata is not valid JSON ({exc}).") from None
+    if not isinstance(meta, dict):
+        raise UeoError(f"{path}: its ueo metadata is not a JSON object.")
+    problems = [
+        f"'{key}' is not a name" for key in ("model", "pretrained") if not _is_name(meta.get(key))
+    ]
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(_is_name(n) for n in names):
+        problems.append("'class_names' is not a list of names")
+    if not isinstance(meta.get("recipe"), dict):
+        problems.append("'recipe' is not an object")
+    threshold = meta.get("threshold")
+    if threshold is not None and not (_number(threshold) and 0.0 <= threshold <= 1.0):
+        problems.append("'threshold' is not a number in [0, 1]")
+    if problems:
+        raise UeoError(f"{path}: invalid ueo metadata: {'; '.join(problems)}.")
+    return meta
+
+
+def _is_name(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

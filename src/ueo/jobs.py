@@ -14,12 +14,13 @@ from pathlib import Path
 
 from ueo import __version__
 from ueo.api import adapt, evaluate, load_adapted, load_model, predict, save_run
+from ueo.clip import check_model
 from ueo.data import load_image_set, parse_classes
 from ueo.errors import UeoError
-from ueo.io import write_json, write_text
+from ueo.io import check_output_dir, check_output_file, load_adapter, write_json, write_text
 from ueo.recipe import Recipe, Runtime
 from ueo.runs import LOG_FILE, METRICS_FILE
-from ueo.runtime import captured_log
+from ueo.runtime import captured_log, checked_runtime
 
 log = logging.getLogger("ueo")
 
@@ -40,8 +41,9 @@ def adapt_job(
 ) -> dict:
     """`ueo adapt`: adapt on `data`, write adapter.safetensors, metrics.json and log.txt."""
     recipe = (recipe or Recipe()).validate()
-    runtime = (runtime or Runtime()).validate()
-    out = Path(out)
+    runtime = checked_runtime(runtime, recipe.precision)
+    out = check_output_dir(out)
+    check_model(model, pretrained)
     with captured_log() as buffer:
         try:
             names = parse_classes(classes) if isinstance(classes, str) else list(classes)
@@ -88,8 +90,14 @@ def eval_job(
     out: str | os.PathLike | None = None,
 ) -> dict:
     """`ueo eval`: metrics of an adapter (or, without one, of the zero-shot `model`)."""
-    runtime = (runtime or Runtime()).validate()
+    runtime = checked_runtime(runtime)
+    if out is not None:
+        check_output_dir(out)
     if adapter:
+        if model or classes:
+            raise UeoError("--model and --classes go with --zeroshot; an adapter names its own.")
+        meta = adapter_metadata(adapter, runtime, pretrained)
+        images = load_image_set(data, meta["class_names"], data_root)
         net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
         precision = meta["recipe"]["precision"]
         # The base weights used: the adapter's, or the `pretrained` that overrides them.
@@ -101,14 +109,15 @@ def eval_job(
     else:
         if not (model and classes):
             raise UeoError("A zero-shot evaluation needs --model, --pretrained and --classes.")
-        names = parse_classes(classes) if isinstance(classes, str) else list(classes)
         pretrained = pretrained or "openai"
+        check_model(model, pretrained)
+        names = parse_classes(classes) if isinstance(classes, str) else list(classes)
+        images = load_image_set(data, names, data_root)
         net = load_model(
             model, pretrained, names, device=runtime.device, channels_last=runtime.channels_last
         )
         precision = "fp32"
         source = {"model": model, "pretrained": pretrained, "zeroshot": True}
-    images = load_image_set(data, net.class_names, data_root)
     metrics = evaluate(net, images, runtime, precision=precision)
     record = {**source, "data": str(data), "metrics": metrics}
     if out:
@@ -127,12 +136,15 @@ def predict_job(
     data_root: str | None = None,
 ) -> dict:
     """`ueo predict`: one CSV row per readable image; returns counts and the threshold used."""
-    runtime = (runtime or Runtime()).validate()
-    net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    runtime = checked_runtime(runtime)
+    check_threshold(threshold)
+    out = check_output_file(out)
+    meta = adapter_metadata(adapter, runtime, pretrained)
     threshold = threshold if threshold is not None else meta.get("threshold")
     if threshold is None:
         raise UeoError("The adapter stores no threshold; pass --threshold.")
     image_set = load_image_set(images, meta["class_names"], data_root)
+    net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
     rows = predict(net, image_set, threshold, runtime, precision=meta["recipe"]["precision"])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS))
@@ -146,3 +158,27 @@ def predict_job(
         "threshold": threshold,
         "out": str(out),
     }
+
+
+def check_threshold(threshold: float | None) -> None:
+    """An MCM threshold is a softmax probability: a number in [0, 1] (None: the adapter's)."""
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise UeoError(f"--threshold must be a number in [0, 1], not {threshold!r}.")
+    if not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
+        raise UeoError(f"--threshold must be in [0, 1] (an MCM score), not {threshold}.")
+
+
+def adapter_metadata(adapter: str | os.PathLike, runtime: Runtime, pretrained: str | None) -> dict:
+    """An adapter's metadata once its recipe, model and base weights (or the `pretrained` that
+    overrides them) and the runtime's device for its precision are known to be usable; only
+    the small adapter file is read."""
+    _, meta = load_adapter(adapter)
+    try:
+        recipe = Recipe.from_dict(meta["recipe"]).validate()
+    except UeoError as exc:
+        raise UeoError(f"Adapter {adapter} stores an invalid recipe: {exc}") from None
+    checked_runtime(runtime, recipe.precision)
+    check_model(meta["model"], pretrained or meta["pretrained"])
+    return meta

@@ -25,6 +25,7 @@ NORM_LAYERS = ("reference", "all")
 BAD_IMAGE_POLICIES = ("skip", "error")
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_SEED = 2023
+MAX_SEED = 2**63 - 1  # torch and numpy generators take any seed up to this
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,15 @@ class Recipe:
 
     def validate(self) -> Recipe:
         """Raise a one-line UeoError naming the first bad setting; returns self."""
+        for name in ("method", "ctx_init"):
+            if not isinstance(getattr(self, name), str):
+                raise UeoError(
+                    f"--{name.replace('_', '-')} must be text, not {getattr(self, name)!r}."
+                )
         get_method(self.method)
         _check_int("epochs", self.epochs, 0)
         _check_int("batch-size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
         _check_float("lr-prompt", self.lr_prompt)
         _check_float("lr-norm", self.lr_norm)
         _check_float("trade", self.trade)
@@ -126,9 +132,11 @@ class Runtime:
         return replace(self, **changes)
 
 
-def _check_int(name: str, value, low: int) -> None:
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise UeoError(f"--{name} must be an integer >= {low}, not {value!r}.")
+    if high is not None and value > high:
+        raise UeoError(f"--{name} must be an integer <= {high}, not {value!r}.")
 
 
 def _check_float(name: str, value) -> None:

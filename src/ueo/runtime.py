@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ueo.errors import UeoError
+from ueo.recipe import Runtime
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,7 +25,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise UeoError(f"Unknown device '{device}' (use cpu, cuda, cuda:N or auto).") from exc
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UeoError(f"Unsupported device '{device}' (use cpu, cuda, cuda:N or auto).")
@@ -38,6 +39,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UeoError("--device mps was asked for but MPS is not available.")
     return dev
+
+
+def checked_runtime(runtime: Runtime | None = None, precision: str = "fp32") -> Runtime:
+    """`runtime` validated, its device resolved and able to run `precision`, so that a missing
+    GPU is reported before any data or model is loaded."""
+    runtime = (runtime or Runtime()).validate()
+    autocast(resolve_device(runtime.device), precision)
+    return runtime
 
 
 def autocast(device: torch.device, precision: str):

@@ -19,6 +19,8 @@ from ueo.bench.suites import benchmark_suite, folder_suite
 from ueo.bench.sweep import Cell, Suite, Sweep, run_sweep, status
 from ueo.data import parse_classes
 from ueo.errors import UeoError
+from ueo.io import check_output_dir
+from ueo.names import normalize_name
 from ueo.recipe import Recipe
 from ueo.runs import METRICS_FILE
 
@@ -57,9 +59,18 @@ def bench_suite(
     `domains`: the benchmark domains to prepare lists for (default all); only those need to
     exist under `root`.
     """
+    check_output_dir(out)
     if bool(dataset) == bool(data):
         raise UeoError("Give either --dataset (with --root) or --data (with --classes, --known).")
     if dataset:
+        folder_options = {
+            "--classes": classes,
+            "--known": known is not None,
+            "--known-classes": known_classes,
+        }
+        given = [flag for flag, value in folder_options.items() if value]
+        if given:
+            raise UeoError(f"{', '.join(given)}: only with --data, not with --dataset.")
         if not root:
             raise UeoError("--dataset needs --root, the dataset folder.")
         info = dataset_info(dataset)
@@ -67,10 +78,33 @@ def bench_suite(
             lists = Path(out) / "lists"
             prepare_lists(info.name, root, lists, domains)
         return benchmark_suite(info.name, lists, root)
+    if root or lists:
+        raise UeoError("--root and --lists: only with --dataset, not with --data.")
     if not classes:
         raise UeoError("--data needs --classes (all class names, label order).")
     names = parse_classes(classes) if isinstance(classes, str) else list(classes)
+    check_known(names, known, known_classes)
     return folder_suite(data, names, known, known_classes)
+
+
+def check_known(names: list[str], known: int | None, known_classes: list[str] | None) -> None:
+    """Which classes of a labelled folder are known: `--known N` (1 <= N <= the number of
+    classes) or `--known-classes` (no name twice), not both."""
+    if known is not None and known_classes:
+        raise UeoError("Give --known or --known-classes, not both.")
+    if known_classes:
+        seen = set()
+        for name in known_classes:
+            key = normalize_name(name)
+            if key in seen:
+                raise UeoError(f"--known-classes lists {name} twice.")
+            seen.add(key)
+    elif known is None:
+        raise UeoError("Give --known N or --known-classes for a custom benchmark.")
+    elif isinstance(known, bool) or not isinstance(known, int) or not 1 <= known <= len(names):
+        raise UeoError(
+            f"--known must be between 1 and the number of classes ({len(names)}), not {known!r}."
+        )
 
 
 def canonical_domains(suite: Suite, domains: list[str] | None) -> list[str] | None:
@@ -82,7 +116,8 @@ def canonical_domains(suite: Suite, domains: list[str] | None) -> list[str] | No
 
 def bench(suite: Suite, sweep: Sweep, out: str | os.PathLike, title: str | None = None) -> dict:
     """Run the grid and write the report; returns {"results": [...], "files": {...}}."""
-    out = Path(out)
+    out = check_output_dir(out)
+    sweep.validate()
     results = run_sweep(suite, sweep, out)
     if sweep.shard[1] > 1:
         # A shard reports on every finished cell of the whole grid, not just its own.

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,17 +20,17 @@ import numpy as np
 import torch
 
 from ueo.adaptation import adapt
-from ueo.bench.protocol import PAPER_SCENARIOS
-from ueo.clip import LoadedClip, load_clip
+from ueo.bench.protocol import PAPER_SCENARIOS, SCENARIOS
+from ueo.clip import LoadedClip, check_model, load_clip
 from ueo.data import OOD, ImageSet
 from ueo.errors import UeoError
 from ueo.inference import Outputs, infer
 from ueo.io import atomic_write, write_text
 from ueo.methods import get_method, method_names
 from ueo.model import UeoModel, norm_parameters
-from ueo.recipe import Recipe, Runtime
+from ueo.recipe import MAX_SEED, Recipe, Runtime
 from ueo.runs import LOG_FILE, METRICS_FILE, save_run
-from ueo.runtime import captured_log, resolve_device
+from ueo.runtime import captured_log, checked_runtime, resolve_device
 
 log = logging.getLogger("ueo")
 
@@ -107,18 +108,44 @@ class Sweep:
     def cell_recipe(self, cell: Cell) -> Recipe:
         return self.recipe.replace(method=cell.method, seed=cell.seed)
 
+    def validate(self) -> Sweep:
+        """Check the grid, recipe and runtime before any data or model is loaded; returns self.
+
+        A value listed twice is an error: it would count one run as two in the mean and std.
+        """
+        self.recipe.validate()
+        checked_runtime(self.runtime, self.recipe.precision)
+        check_model(self.model, self.pretrained)
+        grid = {"methods": self.methods, "scenarios": self.scenarios, "seeds": self.seeds}
+        if self.domains is not None:
+            grid["domains"] = self.domains
+        for name, values in grid.items():
+            if not values:
+                raise UeoError(f"--{name} is empty.")
+            seen = set()
+            for value in values:
+                if value in seen:
+                    raise UeoError(f"--{name} lists {value} twice.")
+                seen.add(value)
+        for m in self.methods:
+            get_method(m)
+        unknown = [s for s in self.scenarios if s not in SCENARIOS]
+        if unknown:
+            raise UeoError(
+                f"Unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}."
+            )
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise UeoError(f"--seeds must be integers in [0, {MAX_SEED}], not {seed!r}.")
+        k, n = self.shard
+        if not 0 <= k < n:
+            raise UeoError(f"A shard must be K/N with 0 <= K < N, not {k}/{n}.")
+        return self
+
 
 def plan(suite: Suite, sweep: Sweep) -> list[Cell]:
     """Every cell of the grid, in run order (domain-major so zero-shot passes are reused)."""
-    for m in sweep.methods:
-        get_method(m)
-    for name, values in (
-        ("methods", sweep.methods),
-        ("scenarios", sweep.scenarios),
-        ("seeds", sweep.seeds),
-    ):
-        if len(set(values)) != len(values):
-            raise UeoError(f"--{name} lists a value twice: {', '.join(map(str, values))}.")
+    sweep.validate()
     missing = [s for s in sweep.scenarios if s not in suite.splits]
     if missing:
         raise UeoError(
@@ -141,8 +168,6 @@ def plan(suite: Suite, sweep: Sweep) -> list[Cell]:
         for seed in sweep.seeds
     ]
     k, n = sweep.shard
-    if not 0 <= k < n:
-        raise UeoError(f"A shard must be K/N with 0 <= K < N, not {k}/{n}.")
     return [c for i, c in enumerate(cells) if i % n == k]
 
 
@@ -291,5 +316,9 @@ def _save_scores(path: Path, result, test: ImageSet) -> None:
 
 def load_scores(run_dir: Path) -> dict[str, np.ndarray]:
     """Read a cell's scores.npz (plain arrays: no pickle is ever loaded)."""
-    with np.load(run_dir / SCORES_FILE, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    path = run_dir / SCORES_FILE
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # object arrays: ValueError
+        raise UeoError(f"{path} is not a file of plain score arrays: {exc}") from None

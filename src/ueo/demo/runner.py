@@ -23,7 +23,10 @@ from ueo.bench.plots import histogram_plot, roc_plot
 from ueo.bench.protocol import PAPER_SCENARIOS, custom_scenario_split
 from ueo.bench.sweep import Domain, Suite, Sweep, default_methods, load_scores
 from ueo.data import load_image_set
+from ueo.demo import BUNDLED_MODELS
 from ueo.demo.testbed import build_testbed
+from ueo.errors import UeoError
+from ueo.io import check_output_dir
 from ueo.recipe import Recipe, Runtime
 from ueo.reports import fmt
 
@@ -71,17 +74,19 @@ def run_demo(
 
     `quick`: one domain and fewer epochs. `recipe` replaces the demo recipe.
     """
-    out = Path(out)
-    testbed = build_testbed()
-    domains = list(testbed.domains)[:1] if quick else None
-    suite = testbed_suite(testbed, domains)
+    out = check_output_dir(out)
+    if model not in BUNDLED_MODELS:
+        raise UeoError(f"The demo runs a bundled model ({', '.join(BUNDLED_MODELS)}), not {model}.")
     sweep = Sweep(
         model=model,
         pretrained="bundled",
         recipe=recipe or demo_recipe(quick),
         runtime=runtime or Runtime(device="cpu", workers=0),
         methods=methods or demo_methods(),
-    )
+    ).validate()
+    testbed = build_testbed()
+    domains = list(testbed.domains)[:1] if quick else None
+    suite = testbed_suite(testbed, domains)
     report = bench(suite, sweep, out, title=f"ueo demo: {model} on the offline testbed")
     figures(report["results"], out)
     return json.loads((out / "results.json").read_text())
