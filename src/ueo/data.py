@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ueo.errors import UeoError
 from ueo.images import open_rgb
@@ -350,14 +350,18 @@ def make_loader(
     workers: int,
     device: torch.device,
     seed: int = 0,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """A loader that keeps an accelerator fed: worker processes, pinned memory, reuse."""
+    """A loader that keeps an accelerator fed: worker processes, pinned memory, reuse.
+
+    `sampler`, if given, sets the order (and `shuffle` is ignored)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
         ImageDataset(images, transform),
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",

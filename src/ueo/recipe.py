@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTATIONS = ("default", "none")
 NORM_LAYERS = ("reference", "all")
 BAD_IMAGE_POLICIES = ("skip", "error")
+NONFINITE_POLICIES = ("stop", "skip")
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_SEED = 2023
 
@@ -33,6 +34,8 @@ class Recipe:
 
     `norm_layers`: `reference` tunes the normalisation layers the authors' script tunes,
     `all` every normalisation layer of the image tower (see ueo.model).
+    `on_nonfinite`: a non-finite loss, gradient or tuned parameter stops the run (`stop`) or
+    the step is undone and the run goes on (`skip`, which changes the numbers).
     """
 
     method: str = "ueo"
@@ -47,6 +50,7 @@ class Recipe:
     norm_layers: str = "reference"
     n_ctx: int | None = None
     ctx_init: str = DEFAULT_CTX_INIT
+    on_nonfinite: str = "stop"
 
     def validate(self) -> Recipe:
         """Raise a one-line UeoError naming the first bad setting; returns self."""
@@ -60,6 +64,7 @@ class Recipe:
         _check_choice("augment", self.augment, AUGMENTATIONS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("norm-layers", self.norm_layers, NORM_LAYERS)
+        _check_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         if self.n_ctx is not None:
             _check_int("n-ctx", self.n_ctx, 1)
         if not self.ctx_init.strip() and self.n_ctx is None:
