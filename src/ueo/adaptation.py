@@ -9,16 +9,34 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ueo.checkpoint import (
+    CHECKPOINT_FILE,
+    Interrupted,
+    check_identity,
+    load_checkpoint,
+    pack_optimizer,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    sub,
+    unpack_optimizer,
+)
 from ueo.data import BadImages, ImageSet, make_loader
 from ueo.errors import UeoError
+from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
 from ueo.methods import TRAIN_MASK, Batch, Method, get_method
 from ueo.metrics import otsu_threshold
@@ -42,7 +60,36 @@ class AdaptResult:
     curves: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
     skipped_images: int = 0
+    skipped_steps: int = 0
+    identity: dict | None = None
     outputs: dict = field(default_factory=dict, repr=False)
+
+
+class NonFinite(Exception):
+    """A training step met a non-finite loss, gradient or tuned parameter (see `training_step`)."""
+
+
+class _EpochOrder(torch.utils.data.Sampler):
+    """The data order: one permutation per epoch from a generator of its own.
+
+    The generator's state at an epoch's start and the number of batches done in it give the
+    position in the data exactly, whatever the loader's workers do; `skip` samples are left
+    out of the next epoch's permutation, to continue an epoch a checkpoint interrupted.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        start, self.skip = self.skip, 0
+        yield from order[start:]
 
 
 def training_step(
@@ -59,7 +106,9 @@ def training_step(
     """One SGD step: logits = 100 * cos, the method's loss in fp32. Returns the loss.
 
     `text` holds precomputed text features when the prompt is frozen; `encode` replaces
-    `model.image_features` (a compiled version of it, for instance).
+    `model.image_features` (a compiled version of it, for instance). A non-finite loss or
+    gradient raises `NonFinite` before the step; a non-finite tuned parameter after it. With
+    fp16's `scaler`, non-finite gradients are the scaler's to skip, as usual.
     """
     device = images.device
     encode = encode or model.image_features
@@ -81,14 +130,33 @@ def training_step(
         recipe=recipe,
     )
     loss = method.loss(batch)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFinite(f"the loss ({value})")
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        bad = _nonfinite(optimizer, grads=True)
+        if bad:
+            raise NonFinite(f"the gradient of {bad}")
         optimizer.step()
-    return float(loss.detach())
+    bad = _nonfinite(optimizer, grads=False)
+    if bad:
+        raise NonFinite(f"the tuned parameter {bad}")
+    return value
+
+
+def _nonfinite(optimizer: torch.optim.Optimizer, grads: bool) -> str | None:
+    """The first tuned tensor (or its gradient) holding NaN or Inf, as `group[index]`."""
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            t = p.grad if grads else p
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return f"{group.get('name', 'group')}[{i}]"
+    return None
 
 
 def adapt(
@@ -99,11 +167,16 @@ def adapt(
     *,
     test: ImageSet | None = None,
     zeroshot: dict[str, Outputs] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> AdaptResult:
     """Adapt `model` in place on `unlabeled` images and evaluate before and after.
 
     `zeroshot` may hold precomputed zero-shot `Outputs` for "unlabeled" and "test", so that a
-    sweep shares one zero-shot pass between methods.
+    sweep shares one zero-shot pass between methods. With `checkpoint_dir`, a checkpoint is
+    written there at the end of every epoch and on SIGINT/SIGTERM (then `Interrupted` is
+    raised); `resume=True` continues from it, if there is one, after checking it was made
+    with the same recipe, model, weights, classes and images (docs/reliability.md).
     """
     recipe = (recipe or Recipe()).validate()
     runtime = (runtime or Runtime()).validate()
@@ -113,6 +186,15 @@ def adapt(
         raise UeoError("The unlabeled set is empty.")
     if method.needs_labels and not unlabeled.labelled:
         raise UeoError(f"Method {method.name} uses labels; the unlabeled data carries none.")
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    identity = saved = None
+    if ckpt is not None:
+        identity = run_identity(
+            model.clip.model_name, model.clip.pretrained, model.class_names, recipe, unlabeled, test
+        )
+        if resume and ckpt.is_file():
+            saved = load_checkpoint(ckpt)
+            check_identity(ckpt, saved[1].get("identity", {}), identity)
     start = time.perf_counter()
     seed_everything(recipe.seed)
     device = resolve_device(runtime.device)
@@ -127,10 +209,13 @@ def adapt(
     for name, images in sets.items():
         if name not in zs:
             zs[name] = run(images, f"zero-shot {name}")
+    for name, images in sets.items():
+        _require_readable(zs[name], images, name)
     metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
     curves = [{"epoch": 0, **metrics["zeroshot"]}]
     history: list[dict] = []
     final = zs
+    steps = _Steps()
 
     def evaluate_epoch(epoch: int) -> None:
         """Learning curves: the sets evaluated every `runtime.eval_every` epochs."""
@@ -141,19 +226,34 @@ def adapt(
     with tuning(model, recipe) as groups:
         if method.trains and groups and recipe.epochs > 0:
             fixed = {}
-            if method.fixed is not None:
+            if saved is not None:
+                fixed = sub(saved[0], "fixed")
+            elif method.fixed is not None:
                 cos = torch.from_numpy(zs["unlabeled"].cos)
                 fixed = method.fixed(cos, torch.from_numpy(unlabeled.labels), recipe)
             history = _train(
-                model, unlabeled, fixed, groups, method, recipe, runtime, bad, evaluate_epoch
+                model,
+                unlabeled,
+                fixed,
+                groups,
+                method,
+                recipe,
+                runtime,
+                bad,
+                evaluate_epoch,
+                _Checkpointing(ckpt, identity, saved, curves, steps),
             )
     if history:
         final = {k: run(v, f"adapted {k}") for k, v in sets.items()}
+        for name, out in final.items():
+            _require_finite(out, name)
     metrics["adapted"] = {k: metrics_of(final[k], v) for k, v in sets.items()}
     if history:
         curves.append({"epoch": recipe.epochs, **metrics["adapted"]})
     valid = final["unlabeled"].valid
-    threshold = otsu_threshold(final["unlabeled"].score[valid]) if valid.any() else 0.0
+    threshold = otsu_threshold(final["unlabeled"].score[valid])
+    if not math.isfinite(threshold):
+        raise UeoError(f"The unknown threshold came out {threshold}; nothing was written.")
     return AdaptResult(
         metrics=metrics,
         threshold=threshold,
@@ -162,8 +262,67 @@ def adapt(
         curves=curves,
         wall_time_s=time.perf_counter() - start,
         skipped_images=len(bad),
+        skipped_steps=steps.skipped,
+        identity=identity,
         outputs={"zeroshot": zs, "adapted": final},
     )
+
+
+def _require_readable(out: Outputs, images: ImageSet, name: str) -> None:
+    """A set in which no image could be read gives no result: an error, never a 0.0."""
+    if not out.valid.any():
+        raise UeoError(
+            f"None of the {len(images)} images of the {name} set ({images.source or 'given'}) "
+            f"could be read, e.g. {images.paths[0]}."
+        )
+
+
+def _require_finite(out: Outputs, name: str) -> None:
+    """The adapted model's outputs must be numbers: NaN or Inf never reach a file."""
+    rows = out.cos[out.valid]
+    if not np.isfinite(rows).all():
+        raise UeoError(
+            f"The adapted model gives non-finite scores on the {name} set: training diverged "
+            "(lower the learning rates); nothing was written."
+        )
+
+
+@dataclass
+class _Steps:
+    skipped: int = 0
+
+
+@dataclass
+class _Checkpointing:
+    """Where `_train` writes its checkpoints, what it resumes from, and what it carries."""
+
+    path: Path | None
+    identity: dict | None
+    saved: tuple[dict, dict] | None
+    curves: list[dict]
+    steps: _Steps
+
+
+@contextmanager
+def _stop_on_signals(enabled: bool) -> Iterator[dict]:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second
+    signal stops at once. Only the main thread can install handlers."""
+    flag: dict = {"signal": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
@@ -180,9 +339,10 @@ def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
 
 
 def _train(
-    model, unlabeled, fixed, groups, method, recipe, runtime, bad, after_epoch
+    model, unlabeled, fixed, groups, method, recipe, runtime, bad, after_epoch, ck: _Checkpointing
 ) -> list[dict]:
     device = resolve_device(runtime.device)
+    all_fixed = fixed
     if TRAIN_MASK in fixed:
         keep = fixed[TRAIN_MASK].cpu().numpy().astype(bool)
         if not keep.any():
@@ -193,54 +353,170 @@ def _train(
     transform = (
         model.clip.train_transform() if recipe.augment == "default" else model.clip.test_transform()
     )
+    order = _EpochOrder(len(unlabeled), recipe.seed)
     loader = make_loader(
-        unlabeled, transform, recipe.batch_size, True, workers_of(runtime), device, recipe.seed
+        unlabeled,
+        transform,
+        recipe.batch_size,
+        True,
+        workers_of(runtime),
+        device,
+        recipe.seed,
+        sampler=order,
     )
+    n_batches = len(loader)
     optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
-    total = recipe.epochs * len(loader)
+    total = recipe.epochs * n_batches
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
     scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
+    history: list[dict] = []
+    losses: list[float] = []
+    first_epoch = 1
+    if ck.saved is not None:
+        tensors, meta = ck.saved
+        model.load_adapter_state(sub(tensors, "tuned"), recipe.norm_layers)
+        optimizer.load_state_dict(unpack_optimizer(tensors, meta["optimizer"]))
+        scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        first_epoch, history, losses = meta["epoch"], meta["history"], meta["losses"]
+        ck.curves[:] = meta["curves"]
+        ck.steps.skipped = meta["skipped_steps"]
+        order.generator.set_state(tensors["order/epoch_start"])
+        order.skip = meta["batch"] * recipe.batch_size
+        set_rng_state(tensors, meta["rng"])
+        log.info("resuming from %s at epoch %d, batch %d", ck.path, first_epoch, meta["batch"])
     frozen_text = None
     if not model.prompt.ctx.requires_grad:
         with torch.no_grad(), autocast(device, recipe.precision):
             frozen_text = model.text_features()
     encode = torch.compile(model.image_features) if runtime.compile else None
-    history = []
-    for epoch in range(1, recipe.epochs + 1):
-        losses = []
-        desc = f"epoch {epoch}/{recipe.epochs}"
-        with tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar:
-            for x, idx, errors in loader:
-                bar.update()
-                for i, msg in errors:
-                    bad.report(i, msg)
-                if x is None:
-                    continue
-                loss = training_step(
-                    model,
-                    x.to(device, non_blocking=True),
-                    {k: v[idx] for k, v in fixed.items()},
-                    optimizer,
-                    method,
-                    recipe,
-                    scaler,
-                    frozen_text,
-                    encode,
-                )
-                if not math.isfinite(loss):
-                    raise UeoError(
-                        f"The loss became {loss} at epoch {epoch}; lower the learning "
-                        "rates or use --precision fp32/bf16."
-                    )
-                scheduler.step()
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}")
-        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "lr": lrs}
-        history.append(record)
-        lr_text = " ".join(f"lr_{k}={v:.3g}" for k, v in lrs.items())
-        loss_text = f"{record['loss']:.5f}" if losses else "n/a"
-        epoch_log.info("epoch %d/%d loss %s %s", epoch, recipe.epochs, loss_text, lr_text)
-        with torch.no_grad():
-            after_epoch(epoch)
+    tuned = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def checkpoint(epoch: int, batch: int, epoch_start: torch.Tensor) -> None:
+        """The state after `batch` batches of `epoch` (epoch + 1, 0 at an epoch's end)."""
+        if ck.path is None:
+            return
+        opt_tensors, opt_state = pack_optimizer(optimizer.state_dict())
+        rng_tensors, rng_json = rng_state()
+        tensors = {f"tuned/{k}": v for k, v in model.adapter_state(recipe.norm_layers).items()}
+        tensors.update({f"fixed/{k}": v for k, v in all_fixed.items()})
+        tensors.update(opt_tensors)
+        tensors.update(rng_tensors)
+        tensors["order/epoch_start"] = epoch_start
+        state = {
+            "identity": ck.identity,
+            "epoch": epoch,
+            "batch": batch,
+            "batches_per_epoch": n_batches,
+            "losses": losses,
+            "history": history,
+            "curves": ck.curves,
+            "skipped_steps": ck.steps.skipped,
+            "optimizer": opt_state,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_json,
+        }
+        save_checkpoint(ck.path, tensors, state)
+
+    def interrupted(stop: dict, epoch: int, batch: int) -> Interrupted:
+        name = signal.Signals(stop["signal"]).name
+        where = f"epoch {epoch}, batch {batch}" if batch else f"the start of epoch {epoch}"
+        log.warning("%s: checkpoint written at %s (%s); resume with --resume", name, where, ck.path)
+        return Interrupted(f"interrupted by {name}; checkpoint at {where}, resume with --resume")
+
+    with _stop_on_signals(ck.path is not None) as stop:
+        for epoch in range(first_epoch, recipe.epochs + 1):
+            epoch_start = order.generator.get_state()
+            done = order.skip // recipe.batch_size
+            last = None
+            if epoch != first_epoch:
+                losses = []
+            desc = f"epoch {epoch}/{recipe.epochs}"
+            with tqdm(
+                total=n_batches, initial=done, desc=desc, leave=False, disable=not runtime.progress
+            ) as bar:
+                for b, (x, idx, errors) in enumerate(loader, start=done + 1):
+                    bar.update()
+                    for i, msg in errors:
+                        bad.report(i, msg)
+                    if x is not None:
+                        last = x
+                        loss = _guarded_step(
+                            model,
+                            x.to(device, non_blocking=True),
+                            {k: v[idx] for k, v in fixed.items()},
+                            optimizer,
+                            method,
+                            recipe,
+                            scaler,
+                            frozen_text,
+                            encode,
+                            tuned,
+                            (epoch, b, ck),
+                        )
+                        scheduler.step()
+                        if loss is not None:
+                            losses.append(loss)
+                            bar.set_postfix(loss=f"{loss:.4f}")
+                    if stop["signal"] is not None and b < n_batches:
+                        checkpoint(epoch, b, epoch_start)
+                        raise interrupted(stop, epoch, b)
+            if last is not None:
+                _check_outputs(model, last.to(device), frozen_text, encode, recipe, epoch, ck)
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "lr": lrs}
+            history.append(record)
+            lr_text = " ".join(f"lr_{k}={v:.3g}" for k, v in lrs.items())
+            loss_text = f"{record['loss']:.5f}" if losses else "n/a"
+            epoch_log.info("epoch %d/%d loss %s %s", epoch, recipe.epochs, loss_text, lr_text)
+            with torch.no_grad():
+                after_epoch(epoch)
+            losses = []
+            checkpoint(epoch + 1, 0, order.generator.get_state())
+            if stop["signal"] is not None:
+                raise interrupted(stop, epoch + 1, 0)
     return history
+
+
+def _check_outputs(model, images, text, encode, recipe, epoch, ck) -> None:
+    """Finite parameters can still overflow the forward pass: before an epoch's checkpoint,
+    the epoch's last batch must give finite outputs, so that a checkpoint is always good."""
+    device = images.device
+    with torch.no_grad(), autocast(device, recipe.precision):
+        feats = (encode or model.image_features)(images)
+        cos = feats.float() @ (model.text_features() if text is None else text).float().t()
+    if not bool(torch.isfinite(cos).all()):
+        raise UeoError(
+            f"The tuned parameters give non-finite outputs after epoch {epoch}: training "
+            f"diverged (lower the learning rates){_kept(ck)}."
+        )
+
+
+def _kept(ck: _Checkpointing) -> str:
+    if ck.path is not None and ck.path.is_file():
+        return f"; the last good checkpoint is kept in {ck.path}"
+    return ""
+
+
+def _guarded_step(model, x, fixed, optimizer, method, recipe, scaler, text, encode, tuned, where):
+    """`training_step` under the recipe's non-finite policy: stop the run, or undo the step."""
+    epoch, batch, ck = where
+    before = [p.detach().clone() for p in tuned] if recipe.on_nonfinite == "skip" else None
+    try:
+        return training_step(model, x, fixed, optimizer, method, recipe, scaler, text, encode)
+    except NonFinite as exc:
+        if before is None:
+            raise UeoError(
+                f"{str(exc)[0].upper()}{str(exc)[1:]} is not finite at epoch {epoch}, batch "
+                f"{batch}: stopped (lower the learning rates, or --on-nonfinite skip)"
+                f"{_kept(ck)}."
+            ) from None
+        with torch.no_grad():
+            for p, value in zip(tuned, before, strict=True):
+                p.copy_(value)
+        optimizer.zero_grad(set_to_none=True)
+        ck.steps.skipped += 1
+        log.warning("Skipped a step at epoch %d, batch %d: %s is not finite", epoch, batch, exc)
+        return None

@@ -89,6 +89,7 @@ def evaluate(
     bad = BadImages(runtime.on_bad_image)
     model.to(resolve_device(runtime.device))
     out = infer(model, images, runtime, precision=precision, bad=bad, desc="evaluate")
+    _require_readable(out, images)
     metrics = metrics_of(out, images)
     metrics["skipped_images"] = len(bad)
     return metrics
@@ -111,6 +112,7 @@ def predict(
     model.to(resolve_device(runtime.device))
     bad = BadImages(runtime.on_bad_image)
     out = infer(model, images, runtime, precision=precision, bad=bad, desc="predict")
+    _require_readable(out, images)
     logits = LOGIT_SCALE * out.cos
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
@@ -130,3 +132,11 @@ def predict(
             }
         )
     return rows
+
+
+def _require_readable(out, images: ImageSet) -> None:
+    if not out.valid.any():
+        raise UeoError(
+            f"None of the {len(images)} images of {images.source or 'the data'} could be read, "
+            f"e.g. {images.paths[0]}."
+        )

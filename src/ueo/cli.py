@@ -21,6 +21,7 @@ from ueo.methods import get_method, method_names
 from ueo.recipe import (
     AUGMENTATIONS,
     BAD_IMAGE_POLICIES,
+    NONFINITE_POLICIES,
     NORM_LAYERS,
     PRECISIONS,
     Recipe,
@@ -50,6 +51,11 @@ RECIPE_OPTIONS: dict[str, tuple] = {
     "pouf_transport": (float, "pouf: weight of the conditional-transport term", None),
     "pouf_im": (float, "pouf: weight of the information-maximisation term", None),
     "upl_k": (int, "upl: pseudo-labelled images kept per predicted class", None),
+    "on_nonfinite": (
+        str,
+        "a non-finite loss, gradient or parameter: stop the run, or skip the step",
+        NONFINITE_POLICIES,
+    ),
 }
 BENCH_GRID_FIELDS = ("method", "seed")  # bench takes lists of these: --methods, --seeds
 
@@ -147,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--test-data", default=None, help="optional labelled test set to evaluate on")
     p.add_argument("--out", required=True, help="run directory (adapter, metrics.json, log.txt)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run of --out (checkpoint)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out, if any"
+    )
     _add_recipe_args(p)
     _add_runtime_args(p, training=True)
 
@@ -273,6 +285,8 @@ def cmd_adapt(args) -> int:
         runtime=runtime,
         test_data=args.test_data,
         data_root=args.data_root,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
     print(metrics_table(record))
     return 0
@@ -452,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     except UeoError as exc:
         print(f"ueo: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ueo: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"ueo: {exc or 'interrupted'}", file=sys.stderr)
         return 130
 
 

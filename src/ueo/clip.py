@@ -32,11 +32,22 @@ log = logging.getLogger(__name__)
 RANDOM_WEIGHTS = "none"
 PLUGIN_GROUP = "ueo.models"
 WEIGHT_SOURCES: dict[str, Callable[[str], torch.nn.Module]] = {}
+WEIGHT_IDENTITIES: dict[str, Callable[[str], str]] = {}
 
 
-def register_weights(tag: str, loader: Callable[[str], torch.nn.Module]) -> None:
-    """Make `--pretrained tag` call `loader(model_name)`, which returns the network."""
+def register_weights(
+    tag: str,
+    loader: Callable[[str], torch.nn.Module],
+    identity: Callable[[str], str] | None = None,
+) -> None:
+    """Make `--pretrained tag` call `loader(model_name)`, which returns the network.
+
+    `identity(model_name)` names the exact weights (a sha256, say): run fingerprints use it
+    to tell a result made with other weights under the same tag.
+    """
     WEIGHT_SOURCES[tag] = loader
+    if identity is not None:
+        WEIGHT_IDENTITIES[tag] = identity
 
 
 @cache

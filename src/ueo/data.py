@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from ueo.errors import UeoError
 from ueo.images import open_rgb
@@ -350,6 +350,7 @@ def make_loader(
     workers: int,
     device: torch.device,
     seed: int = 0,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """A loader that keeps an accelerator fed: worker processes, pinned memory, reuse.
 
@@ -357,11 +358,11 @@ def make_loader(
     generator seeded `seed`: epoch e is the e-th `torch.randperm(n)` of that generator, whatever
     the number of workers. (Shuffling with the loader's generator would not do: a loader draws
     its workers' base seed from it on every `iter()` unless its workers persist, so the order
-    from the second epoch on would depend on `workers`.)
+    from the second epoch on would depend on `workers`.) `sampler`, if given, sets the order
+    instead (and `shuffle` is ignored).
     """
     dataset = ImageDataset(images, transform)
-    sampler = None
-    if shuffle:
+    if shuffle and sampler is None:
         order = torch.Generator()
         order.manual_seed(seed)
         sampler = RandomSampler(dataset, generator=order)

@@ -1,8 +1,15 @@
-"""Atomic file writes and the adapter file format (safetensors + JSON metadata)."""
+"""Atomic file writes and the adapter file format (safetensors + JSON metadata).
+
+Every JSON file ueo writes is strict JSON: NaN and Infinity are refused, not written.
+An adapter's metadata records `tensors_sha256`, a checksum of its tensors, and is checked
+when read (`load_adapter`): a file changed after it was written is refused.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -101,7 +108,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    """Strict JSON (a NaN or Inf is a ValueError, never written), atomically."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
+    return write_text(path, text + "\n")
 
 
 def _jsonable(obj):
@@ -114,11 +123,39 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+REQUIRED_METADATA = {
+    "ueo_version": str,
+    "model": str,
+    "pretrained": str,
+    "class_names": list,
+    "recipe": dict,
+    "threshold": (int, float),
+    "tensors_sha256": str,
+}
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Only the tuned tensors, with everything needed to rebuild the model in the metadata."""
+    """Only the tuned tensors, with everything needed to rebuild the model in the metadata.
+
+    Non-finite tensors or metadata are refused: an adapter is always usable."""
     flat = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    bad = [k for k, v in flat.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UeoError(f"Refusing to write {path}: tensor {bad[0]} holds NaN or Inf.")
+    meta = {**metadata, "tensors_sha256": tensors_sha256(flat)}
     with atomic_write(path) as tmp:
-        save_file(flat, str(tmp), metadata={"ueo": json.dumps(metadata, default=_jsonable)})
+        text = json.dumps(meta, default=_jsonable, allow_nan=False)
+        save_file(flat, str(tmp), metadata={"ueo": text})
     return Path(path)
 
 
@@ -142,36 +179,39 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise UeoError(f"{path} is not a readable safetensors adapter: {reason}") from exc
     if "ueo" not in meta:
         raise UeoError(f"{path} has no ueo metadata; it was not written by `ueo adapt`.")
-    return tensors, _check_metadata(path, meta["ueo"])
-
-
-def _check_metadata(path: Path, text: str) -> dict:
-    """The adapter's JSON metadata, with the fields a model is rebuilt from checked."""
     try:
-        meta = json.loads(text)
+        info = json.loads(meta["ueo"], parse_constant=_reject_constant)
     except ValueError as exc:
         raise UeoError(f"{path}: its ueo metadata is not valid JSON ({exc}).") from None
-    if not isinstance(meta, dict):
+    _check_metadata(path, info, tensors)
+    return tensors, info
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _check_metadata(path: Path, info, tensors: dict[str, torch.Tensor]) -> None:
+    """Keys, types, finite threshold and the tensors' checksum; each failure is one line."""
+    if not isinstance(info, dict):
         raise UeoError(f"{path}: its ueo metadata is not a JSON object.")
-    problems = [
-        f"'{key}' is not a name" for key in ("model", "pretrained") if not _is_name(meta.get(key))
-    ]
-    names = meta.get("class_names")
-    if not isinstance(names, list) or not names or not all(_is_name(n) for n in names):
-        problems.append("'class_names' is not a list of names")
-    if not isinstance(meta.get("recipe"), dict):
-        problems.append("'recipe' is not an object")
-    threshold = meta.get("threshold")
-    if threshold is not None and not (_number(threshold) and 0.0 <= threshold <= 1.0):
-        problems.append("'threshold' is not a number in [0, 1]")
-    if problems:
-        raise UeoError(f"{path}: invalid ueo metadata: {'; '.join(problems)}.")
-    return meta
-
-
-def _is_name(value) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    missing = [k for k in REQUIRED_METADATA if k not in info]
+    if missing:
+        raise UeoError(f"{path}: its ueo metadata misses {', '.join(missing)}.")
+    for key, kind in REQUIRED_METADATA.items():
+        value = info[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UeoError(f"{path}: metadata {key} has the wrong type ({type(value).__name__}).")
+    names = info["class_names"]
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise UeoError(f"{path}: metadata class_names must be a non-empty list of names.")
+    if not math.isfinite(info["threshold"]) or not 0.0 <= info["threshold"] <= 1.0:
+        raise UeoError(f"{path}: its threshold {info['threshold']} is not a number in [0, 1].")
+    for key in ("model", "pretrained"):
+        if not info[key].strip():
+            raise UeoError(f"{path}: metadata {key} is empty.")
+    if tensors_sha256(tensors) != info["tensors_sha256"]:
+        raise UeoError(
+            f"{path}: its tensors do not match the checksum in its metadata (the file was "
+            "changed or damaged after it was written)."
+        )

@@ -7,19 +7,31 @@ plain data the caller may print.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from ueo import __version__
 from ueo.api import adapt, evaluate, load_adapted, load_model, predict, save_run
+from ueo.checkpoint import CHECKPOINT_FILE
 from ueo.clip import check_model
-from ueo.data import load_image_set, parse_classes
+from ueo.data import ImageSet, load_image_set, parse_classes
 from ueo.errors import UeoError
-from ueo.io import check_output_dir, check_output_file, load_adapter, write_json, write_text
+from ueo.io import (
+    ADAPTER_FILE,
+    check_output_dir,
+    check_output_file,
+    load_adapter,
+    write_json,
+    write_text,
+)
+from ueo.names import OOD, normalize_name
 from ueo.recipe import Recipe, Runtime
-from ueo.runs import LOG_FILE, METRICS_FILE
+from ueo.runs import LOG_FILE, METRICS_FILE, is_finished, logged_to, publish, staging_dir
 from ueo.runtime import captured_log, checked_runtime
 
 log = logging.getLogger("ueo")
@@ -38,44 +50,115 @@ def adapt_job(
     runtime: Runtime | None = None,
     test_data: str | None = None,
     data_root: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """`ueo adapt`: adapt on `data`, write adapter.safetensors, metrics.json and log.txt."""
+    """`ueo adapt`: adapt on `data`, write adapter.safetensors, metrics.json and log.txt.
+
+    The run is written into a staging folder next to `out` (with its checkpoint and log) and
+    swapped in when complete. `resume` continues an interrupted run from its checkpoint;
+    `overwrite` replaces a finished run or discards an interrupted one; without either, both
+    are refused (docs/reliability.md).
+    """
     recipe = (recipe or Recipe()).validate()
     runtime = checked_runtime(runtime, recipe.precision)
     out = check_output_dir(out)
     check_model(model, pretrained)
+    staging = _prepare_run_dir(out, resume, overwrite)
     with captured_log() as buffer:
-        try:
-            names = parse_classes(classes) if isinstance(classes, str) else list(classes)
-            unlabeled = load_image_set(data, names, data_root)
-            test = load_image_set(test_data, names, data_root) if test_data else None
-            log.info(
-                "ueo %s adapt: %s/%s, %d classes, %d unlabeled images, method %s",
-                __version__,
-                model,
-                pretrained,
-                len(names),
-                len(unlabeled),
-                recipe.method,
+        names = parse_classes(classes) if isinstance(classes, str) else list(classes)
+        unlabeled = load_image_set(data, names, data_root)
+        require_known_classes(unlabeled, names, data)
+        test = load_image_set(test_data, names, data_root) if test_data else None
+        if test is not None:
+            require_known_classes(test, names, test_data)
+        log.info(
+            "ueo %s adapt: %s/%s, %d classes, %d unlabeled images, method %s",
+            __version__,
+            model,
+            pretrained,
+            len(names),
+            len(unlabeled),
+            recipe.method,
+        )
+        net = load_model(
+            model,
+            pretrained,
+            names,
+            recipe,
+            device=runtime.device,
+            channels_last=runtime.channels_last,
+        )
+        staging.mkdir(parents=True, exist_ok=True)
+        with logged_to(staging / LOG_FILE, buffer.getvalue()):
+            result = adapt(
+                net, unlabeled, recipe, runtime, test=test, checkpoint_dir=staging, resume=resume
             )
-            net = load_model(
-                model,
-                pretrained,
-                names,
-                recipe,
-                device=runtime.device,
-                channels_last=runtime.channels_last,
-            )
-            out.mkdir(parents=True, exist_ok=True)
-            result = adapt(net, unlabeled, recipe, runtime, test=test)
             record = save_run(
-                out, net, result, {"data": str(data), "test_data": test_data and str(test_data)}
+                staging, net, result, {"data": str(data), "test_data": test_data and str(test_data)}
             )
             log.info("wrote %s (%.1f s)", out, result.wall_time_s)
-        finally:
-            if out.is_dir():
-                write_text(out / LOG_FILE, buffer.getvalue())
+    publish(staging, out)
     return record
+
+
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path:
+    """The staging folder of `out`, after the rules of one run per run folder."""
+    if resume and overwrite:
+        raise UeoError("Give --resume or --overwrite, not both.")
+    if out.exists() and not out.is_dir():
+        raise UeoError(f"--out {out} is a file; give a folder for the run.")
+    if out.is_dir() and not is_finished(out) and any(out.iterdir()):
+        raise UeoError(f"--out {out} holds other files and no ueo run; give a new or empty folder.")
+    staging = staging_dir(out)
+    checkpoint = (staging / CHECKPOINT_FILE).is_file()
+    if is_finished(out) and not overwrite and not (resume and checkpoint):
+        raise UeoError(
+            f"{out} holds a finished run: add --overwrite to replace it, or give another --out."
+        )
+    if staging.exists() and (overwrite or not checkpoint):
+        shutil.rmtree(staging)
+    elif checkpoint and not resume:
+        raise UeoError(
+            f"An interrupted run of {out} is in {staging}: add --resume to continue it, or "
+            "--overwrite to start over."
+        )
+    return staging
+
+
+def require_known_classes(images: ImageSet, names: list[str], data: str) -> None:
+    """Labelled data none of whose classes is on the list is a mistake (a wrong --classes,
+    most likely): say so, with the folder names closest to the list."""
+    if not images.labelled or (images.labels != OOD).any():
+        return
+    folders = sorted({_class_folder(p, images.source) for p in images.paths})
+    close = sorted(
+        {m for n in names for m in difflib.get_close_matches(normalize_name(n), folders, 3, 0.5)}
+    )
+    hint = f"; closest folder names: {', '.join(close)}" if close else ""
+    raise UeoError(
+        f"None of the classes of {data} ({', '.join(folders[:5])}"
+        f"{', ...' if len(folders) > 5 else ''}) is on the class list "
+        f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}){hint}."
+    )
+
+
+def _holds_training_run(folder: Path) -> bool:
+    """An adapter, or a metrics.json that `ueo adapt` wrote (it has a recipe)."""
+    metrics = folder / METRICS_FILE
+    if (folder / ADAPTER_FILE).is_file():
+        return True
+    try:
+        return metrics.is_file() and "recipe" in json.loads(metrics.read_text())
+    except ValueError:
+        return True  # not ours to overwrite either
+
+
+def _class_folder(path: str, root: str) -> str:
+    try:
+        return Path(path).relative_to(root).parts[0]
+    except (ValueError, IndexError):
+        return Path(path).parent.name
 
 
 def eval_job(
@@ -93,6 +176,10 @@ def eval_job(
     runtime = checked_runtime(runtime)
     if out is not None:
         check_output_dir(out)
+        if _holds_training_run(Path(out)):
+            raise UeoError(
+                f"--out {out} holds a training run; write evaluation results to another folder."
+            )
     if adapter:
         if model or classes:
             raise UeoError("--model and --classes go with --zeroshot; an adapter names its own.")
@@ -118,6 +205,7 @@ def eval_job(
         )
         precision = "fp32"
         source = {"model": model, "pretrained": pretrained, "zeroshot": True}
+    require_known_classes(images, net.class_names, data)
     metrics = evaluate(net, images, runtime, precision=precision)
     record = {**source, "data": str(data), "metrics": metrics}
     if out:

@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTATIONS = ("default", "none")
 NORM_LAYERS = ("reference", "all")
 BAD_IMAGE_POLICIES = ("skip", "error")
+NONFINITE_POLICIES = ("stop", "skip")
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_SEED = 2023
 MAX_SEED = 2**63 - 1  # torch and numpy generators take any seed up to this
@@ -35,6 +36,8 @@ class Recipe:
     `norm_layers`: `reference` tunes the normalisation layers the authors' script tunes,
     `all` every normalisation layer of the image tower (see ueo.model). The `pouf_*` and
     `upl_*` settings are those methods' own (docs/method.md); other methods ignore them.
+    `on_nonfinite`: a non-finite loss, gradient or tuned parameter stops the run (`stop`) or
+    the step is undone and the run goes on (`skip`, which changes the numbers).
     """
 
     method: str = "ueo"
@@ -52,6 +55,7 @@ class Recipe:
     pouf_transport: float = 1.0
     pouf_im: float = 0.3
     upl_k: int = 16
+    on_nonfinite: str = "stop"
 
     def validate(self) -> Recipe:
         """Raise a one-line UeoError naming the first bad setting; returns self."""
@@ -70,6 +74,7 @@ class Recipe:
         _check_choice("augment", self.augment, AUGMENTATIONS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("norm-layers", self.norm_layers, NORM_LAYERS)
+        _check_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         if self.n_ctx is not None:
             _check_int("n-ctx", self.n_ctx, 1)
         _check_float("pouf-transport", self.pouf_transport)

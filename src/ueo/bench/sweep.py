@@ -8,9 +8,9 @@ folder and the offline testbed are all suites (ueo.bench.suites).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -21,16 +21,18 @@ import torch
 
 from ueo.adaptation import adapt
 from ueo.bench.protocol import PAPER_SCENARIOS, SCENARIOS
+from ueo.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ueo.clip import LoadedClip, check_model, load_clip
 from ueo.data import OOD, ImageSet
 from ueo.errors import UeoError
+from ueo.fingerprint import describe_changes, digest, images_digest, run_identity, weights_identity
 from ueo.inference import Outputs, infer
-from ueo.io import atomic_write, write_text
+from ueo.io import atomic_write
 from ueo.methods import get_method, method_names
 from ueo.model import UeoModel, norm_parameters
 from ueo.recipe import MAX_SEED, Recipe, Runtime
-from ueo.runs import LOG_FILE, METRICS_FILE, save_run
-from ueo.runtime import captured_log, checked_runtime, resolve_device
+from ueo.runs import LOG_FILE, METRICS_FILE, logged_to, publish, save_run, staging_dir
+from ueo.runtime import checked_runtime, resolve_device
 
 log = logging.getLogger("ueo")
 
@@ -171,38 +173,45 @@ def plan(suite: Suite, sweep: Sweep) -> list[Cell]:
     return [c for i, c in enumerate(cells) if i % n == k]
 
 
-def cell_fingerprint(suite: Suite, sweep: Sweep, cell: Cell) -> str:
-    """What determines a cell's numbers: its whole recipe, the model and the cell's data."""
+def cell_components(suite: Suite, sweep: Sweep, cell: Cell) -> dict:
+    """What determines a cell's numbers: its whole recipe, the model and its weights, the
+    suite's class names in order, the scenario's class split and the cell's images."""
     names, unlabeled, test = suite.scenario_sets(suite.domain(cell.domain), cell.scenario)
-    blob = {
+    return {
         "recipe": asdict(sweep.cell_recipe(cell)),
         "model": sweep.model,
         "pretrained": sweep.pretrained,
+        "weights": weights_identity(sweep.model, sweep.pretrained),
+        "class_names": list(suite.class_names),
+        "split": {k: list(v) for k, v in suite.splits[cell.scenario].items()},
         "known_classes": names,
-        "unlabeled": _images_digest(unlabeled),
-        "test": _images_digest(test),
+        "unlabeled": images_digest(unlabeled),
+        "test": images_digest(test),
     }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _images_digest(images: ImageSet) -> str:
-    digest = hashlib.sha256()
-    for path, label in zip(images.paths, images.labels.tolist(), strict=True):
-        digest.update(f"{path}\t{label}\n".encode())
-    return digest.hexdigest()
+def cell_fingerprint(suite: Suite, sweep: Sweep, cell: Cell) -> str:
+    return digest(cell_components(suite, sweep, cell))
 
 
-def is_done(cell: Cell, out: Path, fingerprint: str) -> bool:
-    """Complete and made with the same fingerprint; anything else is (re)computed."""
+def is_done(cell: Cell, out: Path, components: dict) -> bool:
+    """Complete and made with the same components; anything else is (re)computed, and a cell
+    made with other settings says which."""
     metrics, scores = cell.path(out) / METRICS_FILE, cell.path(out) / SCORES_FILE
     if not (metrics.is_file() and scores.is_file()):
         return False
     try:
-        made_with = json.loads(metrics.read_text())["cell_fingerprint"]
+        record = json.loads(metrics.read_text())
+        made_with = record["cell_fingerprint"]
     except (ValueError, KeyError):
         return False
-    if made_with != fingerprint:
-        log.warning("%s was made with other settings or data; recomputing it", cell.path(out))
+    if made_with != digest(components):
+        changes = describe_changes(record.get("cell_fingerprint_components", {}), components)
+        log.warning(
+            "%s was made with other settings or data (%s); recomputing it",
+            cell.path(out),
+            "; ".join(changes) or "an older ueo",
+        )
         return False
     return True
 
@@ -210,7 +219,7 @@ def is_done(cell: Cell, out: Path, fingerprint: str) -> bool:
 def status(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, bool]]:
     """The plan with what already exists (for --dry-run)."""
     return [
-        (c, is_done(c, Path(out), cell_fingerprint(suite, sweep, c))) for c in plan(suite, sweep)
+        (c, is_done(c, Path(out), cell_components(suite, sweep, c))) for c in plan(suite, sweep)
     ]
 
 
@@ -234,8 +243,8 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
     zeroshot_cache: dict[tuple, tuple[dict[str, int], Outputs]] = {}
     results = []
     for n, cell in enumerate(cells, 1):
-        fingerprint = cell_fingerprint(suite, sweep, cell)
-        if is_done(cell, out, fingerprint):
+        components = cell_components(suite, sweep, cell)
+        if is_done(cell, out, components):
             record = json.loads((cell.path(out) / METRICS_FILE).read_text())
             results.append((cell, record))
             continue
@@ -262,16 +271,57 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
             len(test),
         )
         zs = _shared_zeroshot(zeroshot_cache, model, domain, names, unlabeled, test, sweep)
+        staging = staging_dir(cell.path(out))
+        resume = _resumable(staging, model, recipe, unlabeled, test)
+        staging.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        with captured_log() as cell_log:
-            result = adapt(model, unlabeled, recipe, sweep.runtime, test=test, zeroshot=zs)
+        with logged_to(staging / LOG_FILE):
+            result = adapt(
+                model,
+                unlabeled,
+                recipe,
+                sweep.runtime,
+                test=test,
+                zeroshot=zs,
+                checkpoint_dir=staging,
+                resume=resume,
+            )
             log.info("  done in %.1f s", time.perf_counter() - start)
-        extra = {"cell": asdict(cell), "suite": suite.name, "cell_fingerprint": fingerprint}
-        write_text(cell.path(out) / LOG_FILE, cell_log.getvalue())
-        _save_scores(cell.path(out) / SCORES_FILE, result, test)
-        record = save_run(cell.path(out), model, result, extra)
+            extra = {
+                "cell": asdict(cell),
+                "suite": suite.name,
+                "cell_fingerprint": digest(components),
+                "cell_fingerprint_components": components,
+            }
+            _save_scores(staging / SCORES_FILE, result, test)
+            record = save_run(staging, model, result, extra)
+        publish(staging, cell.path(out))
         results.append((cell, record))
     return results
+
+
+def _resumable(staging: Path, model: UeoModel, recipe: Recipe, unlabeled, test) -> bool:
+    """Whether a cell's interrupted run can be continued; one made with other settings or
+    data is discarded, saying what changed."""
+    path = staging / CHECKPOINT_FILE
+    if not path.is_file():
+        if staging.exists():
+            shutil.rmtree(staging)
+        return False
+    current = run_identity(
+        model.clip.model_name, model.clip.pretrained, model.class_names, recipe, unlabeled, test
+    )
+    try:
+        stored = load_checkpoint(path)[1].get("identity") or {}
+    except UeoError as exc:
+        log.warning("%s; starting the cell over", exc)
+        stored = {}
+    changes = describe_changes(stored, current)
+    if changes:
+        log.warning("Discarding %s, made with other settings: %s", path, "; ".join(changes))
+        shutil.rmtree(staging)
+        return False
+    return True
 
 
 def _shared_zeroshot(cache, model, domain, names, unlabeled, test, sweep) -> dict[str, Outputs]:

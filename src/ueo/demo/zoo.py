@@ -48,7 +48,7 @@ def register_tiny_models() -> None:
 def register() -> None:
     """The `ueo.models` entry point: the tiny architectures and `--pretrained bundled`."""
     register_tiny_models()
-    register_weights(WEIGHTS_TAG, load_bundled)
+    register_weights(WEIGHTS_TAG, load_bundled, lambda name: bundled_recipe(name)["sha256"])
 
 
 def _check_bundled(model_name: str) -> None:
