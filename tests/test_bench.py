@@ -240,19 +240,19 @@ def test_shard_values_are_checked():
         with pytest.raises(UeoError, match="K/N"):
             parse_shard(bad)
     with pytest.raises(UeoError, match="shard"):
-        plan(small_suite(), Sweep("m", "p", scenarios=["CDA"], shard=(2, 2)))
+        plan(small_suite(), Sweep("test-tiny-rn", "none", scenarios=["CDA"], shard=(2, 2)))
 
 
 def test_grid_is_checked_before_anything_runs():
     suite = small_suite()
     with pytest.raises(UeoError, match="twice"):
-        plan(suite, Sweep("m", "p", scenarios=["CDA", "CDA"]))
+        plan(suite, Sweep("test-tiny-rn", "none", scenarios=["CDA", "CDA"]))
     with pytest.raises(UeoError, match="OPDA"):
-        plan(suite, Sweep("m", "p", scenarios=["OPDA"]))
+        plan(suite, Sweep("test-tiny-rn", "none", scenarios=["OPDA"]))
     with pytest.raises(UeoError, match="No data for domain"):
-        plan(suite, Sweep("m", "p", scenarios=["CDA"], domains=["d"]))
+        plan(suite, Sweep("test-tiny-rn", "none", scenarios=["CDA"], domains=["d"]))
     with pytest.raises(UeoError, match="magic"):
-        plan(suite, Sweep("m", "p", scenarios=["CDA"], methods=["magic"]))
+        plan(suite, Sweep("test-tiny-rn", "none", scenarios=["CDA"], methods=["magic"]))
 
 
 def test_fingerprint_covers_the_whole_recipe_and_only_it():
@@ -273,6 +273,10 @@ def test_fingerprint_covers_the_whole_recipe_and_only_it():
         "norm_layers": "all",
         "n_ctx": 4,
         "ctx_init": "a picture of a",
+        "pouf_transport": 0.5,
+        "pouf_im": 0.1,
+        "upl_k": 4,
+        "on_nonfinite": "skip",
     }
     per_cell = {"method", "seed"}
     assert set(changed) | per_cell == {f.name for f in fields(Recipe)}  # a new field needs a line
@@ -303,9 +307,13 @@ def test_bench_defaults_come_from_the_protocol_and_the_registry(monkeypatch):
     benchmark defaults; the default scenarios are the paper's four."""
     monkeypatch.setitem(METHODS, "halfway", Method("halfway", "a test method", loss=lambda b: 0))
     args = build_parser().parse_args(["bench", "--out", "x"])
-    assert args.scenarios.split(",") == list(PAPER_SCENARIOS) == Sweep("m", "p").scenarios
+    assert (
+        args.scenarios.split(",")
+        == list(PAPER_SCENARIOS)
+        == Sweep("test-tiny-rn", "none").scenarios
+    )
     defaults = [m for m in method_names() if not get_method(m).needs_labels]
-    assert args.methods.split(",") == defaults == Sweep("m", "p").methods
+    assert args.methods.split(",") == defaults == Sweep("test-tiny-rn", "none").methods
     assert "halfway" in defaults and "ueo-oracle" not in defaults
     argv = ["adapt", "--model", "m", "--data", "d", "--classes", "c", "--out", "o"]
     assert build_parser().parse_args([*argv, "--method", "halfway"]).method == "halfway"

@@ -345,7 +345,10 @@ def test_missing_weights_without_network_fails_fast(
     [
         ("\n  \n", r"No class names in .*classes\.txt"),
         ("Red_Square\nblue\nred square\n", "Duplicated class name 'red square'"),
-        ("cat\n" + " ".join(["very"] * 20) + " long\n", "too long for the text context of 24"),
+        (
+            "red square\n" + " ".join(["very"] * 20) + " long\n",
+            "too long for the text context of 24",
+        ),
     ],
 )
 def test_bad_class_lists(capsys, tmp_path, image_folder, classes, expected):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ueo.bench.protocol import PAPER_SCENARIOS
-from ueo.bench.sweep import default_methods
 from ueo.cli import main
+from ueo.demo.runner import demo_methods
 from ueo.demo.testbed import build_testbed, default_root
 from ueo.errors import UeoError
 from ueo.metrics import METRIC_NAMES
@@ -44,12 +44,12 @@ def quick_demo(testbed, tmp_path_factory):
 def test_quick_demo_writes_valid_results(quick_demo, testbed):
     code, out, results = quick_demo
     assert code == 0
-    assert set(results) == {"mean", "domains", "settings"}
+    assert set(results) == {"mean", "domains", "settings", "curves"}
     assert list(results["mean"]) == list(PAPER_SCENARIOS)
     assert list(results["domains"]) == [next(iter(testbed.domains))]  # --quick: one domain
     for scenarios in [results["mean"], *results["domains"].values()]:
         for scenario in PAPER_SCENARIOS:
-            assert list(scenarios[scenario]) == default_methods()
+            assert list(scenarios[scenario]) == demo_methods()
             for metrics in scenarios[scenario].values():
                 assert set(metrics) == set(METRIC_NAMES)
                 for value in metrics.values():
@@ -82,7 +82,7 @@ def test_adaptation_changes_the_demo_results(quick_demo):
         # The zero-shot model is one model: every scenario evaluates it on the same test set.
         assert mean[scenario]["zeroshot"] == zeroshot
         # Every trained method changed the numbers.
-        for method in default_methods():
+        for method in demo_methods():
             if method != "zeroshot":
                 assert mean[scenario][method] != mean[scenario]["zeroshot"], (scenario, method)
         assert mean[scenario]["ueo"]["h"] > mean[scenario]["zeroshot"]["h"], scenario

@@ -178,6 +178,18 @@ def _by_hand(method: str) -> float:
     if method == "ueo-oracle":
         oracle = [1.001 if y != OOD else 0.001 for y in LABELS]
         return weighted_ueo_by_hand(probs, oracle, TRADE)
+    if method == "upl":  # cross-entropy to the zero-shot argmax (here every image is selected)
+        targets = [row.index(max(row)) for row in COS]
+        return -sum(math.log(p[t]) for p, t in zip(probs, targets, strict=True)) / len(probs)
+    if method == "pouf":  # features eye(3, 8) and eye(4, 8): feature cosine 1 on the diagonal
+        n, k = len(COS), len(COS[0])
+        cost = [[0.0 if i == j else 1.0 for j in range(k)] for i in range(n)]
+        columns = [softmax([100 * COS[i][j] for i in range(n)]) for j in range(k)]
+        forward = sum(cost[i][j] * probs[i][j] for i in range(n) for j in range(k)) / n
+        backward = sum(cost[i][j] * columns[j][i] for i in range(n) for j in range(k)) / k
+        mean = [sum(p[j] for p in probs) / n for j in range(k)]
+        marginal = -sum(q * math.log(q + 1e-6) for q in mean)
+        return 1.0 * (forward + backward) + 0.3 * (sum(h(p) for p in probs) / n - marginal)
     raise AssertionError(f"no hand computation for method {method!r}: add one with its test")
 
 

@@ -88,6 +88,9 @@ class _EpochOrder(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.n, generator=self.generator).tolist()
+        # torch's RandomSampler draws a second (empty-sliced) permutation per pass; drawing it
+        # too keeps the order of a plain seeded loader from the second epoch on.
+        torch.randperm(self.n, generator=self.generator)
         start, self.skip = self.skip, 0
         yield from order[start:]
 
