@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ueo.cache import ImageCache
 from ueo.data import BadImages, ImageSet, make_loader
 from ueo.errors import UeoError
 from ueo.inference import Outputs, infer, metrics_of, workers_of
@@ -99,11 +100,12 @@ def adapt(
     *,
     test: ImageSet | None = None,
     zeroshot: dict[str, Outputs] | None = None,
+    cache: ImageCache | None = None,
 ) -> AdaptResult:
     """Adapt `model` in place on `unlabeled` images and evaluate before and after.
 
     `zeroshot` may hold precomputed zero-shot `Outputs` for "unlabeled" and "test", so that a
-    sweep shares one zero-shot pass between methods.
+    sweep shares one zero-shot pass between methods; `cache` (ueo.cache) the decoded images.
     """
     recipe = (recipe or Recipe()).validate()
     runtime = (runtime or Runtime()).validate()
@@ -118,10 +120,13 @@ def adapt(
     device = resolve_device(runtime.device)
     model.to(device)
     bad = BadImages(runtime.on_bad_image)
+    cache = cache if cache is not None else ImageCache()
     sets = {"unlabeled": unlabeled} if test is None else {"unlabeled": unlabeled, "test": test}
 
     def run(images: ImageSet, desc: str) -> Outputs:
-        return infer(model, images, runtime, precision=recipe.precision, bad=bad, desc=desc)
+        return infer(
+            model, images, runtime, precision=recipe.precision, bad=bad, desc=desc, cache=cache
+        )
 
     zs = dict(zeroshot or {})
     for name, images in sets.items():
@@ -145,7 +150,7 @@ def adapt(
                 cos = torch.from_numpy(zs["unlabeled"].cos)
                 fixed = method.fixed(cos, torch.from_numpy(unlabeled.labels), recipe)
             history = _train(
-                model, unlabeled, fixed, groups, method, recipe, runtime, bad, evaluate_epoch
+                model, unlabeled, fixed, groups, method, recipe, runtime, bad, evaluate_epoch, cache
             )
     if history:
         final = {k: run(v, f"adapted {k}") for k, v in sets.items()}
@@ -180,7 +185,7 @@ def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
 
 
 def _train(
-    model, unlabeled, fixed, groups, method, recipe, runtime, bad, after_epoch
+    model, unlabeled, fixed, groups, method, recipe, runtime, bad, after_epoch, cache
 ) -> list[dict]:
     device = resolve_device(runtime.device)
     if TRAIN_MASK in fixed:
@@ -192,8 +197,9 @@ def _train(
     transform = (
         model.clip.train_transform() if recipe.augment == "default" else model.clip.test_transform()
     )
+    workers = workers_of(runtime)
     loader = make_loader(
-        unlabeled, transform, recipe.batch_size, True, workers_of(runtime), device, recipe.seed
+        unlabeled, transform, recipe.batch_size, True, workers, device, recipe.seed, cache
     )
     optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
     total = recipe.epochs * len(loader)

@@ -20,6 +20,7 @@ import torch
 
 from ueo.adaptation import adapt
 from ueo.bench.protocol import PAPER_SCENARIOS
+from ueo.cache import ImageCache
 from ueo.clip import LoadedClip, load_clip
 from ueo.data import OOD, ImageSet
 from ueo.errors import UeoError
@@ -207,6 +208,7 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
     clip: LoadedClip | None = None
     pristine: dict[str, torch.Tensor] = {}
     zeroshot_cache: dict[tuple, tuple[dict[str, int], Outputs]] = {}
+    images = ImageCache()  # every pass of the sweep decodes an image once
     results = []
     for n, cell in enumerate(cells, 1):
         fingerprint = cell_fingerprint(suite, sweep, cell)
@@ -236,10 +238,12 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
             len(unlabeled),
             len(test),
         )
-        zs = _shared_zeroshot(zeroshot_cache, model, domain, names, unlabeled, test, sweep)
+        zs = _shared_zeroshot(zeroshot_cache, model, domain, names, unlabeled, test, sweep, images)
         start = time.perf_counter()
         with captured_log() as cell_log:
-            result = adapt(model, unlabeled, recipe, sweep.runtime, test=test, zeroshot=zs)
+            result = adapt(
+                model, unlabeled, recipe, sweep.runtime, test=test, zeroshot=zs, cache=images
+            )
             log.info("  done in %.1f s", time.perf_counter() - start)
         extra = {"cell": asdict(cell), "suite": suite.name, "cell_fingerprint": fingerprint}
         write_text(cell.path(out) / LOG_FILE, cell_log.getvalue())
@@ -249,7 +253,9 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
     return results
 
 
-def _shared_zeroshot(cache, model, domain, names, unlabeled, test, sweep) -> dict[str, Outputs]:
+def _shared_zeroshot(
+    cache, model, domain, names, unlabeled, test, sweep, images
+) -> dict[str, Outputs]:
     """Zero-shot outputs of the scenario's sets, sliced from one pass over the whole domain."""
     r = sweep.recipe
     key = (domain.name, tuple(names), r.precision, r.ctx_init, r.n_ctx)
@@ -262,6 +268,7 @@ def _shared_zeroshot(cache, model, domain, names, unlabeled, test, sweep) -> dic
             sweep.runtime,
             precision=sweep.recipe.precision,
             desc=f"zero-shot {domain.name}",
+            cache=images,
         )
         cache.clear()
         cache[key] = ({p: i for i, p in enumerate(paths)}, out)
