@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ueo.adaptation import AdaptConfig, make_optimizer, training_step
-from ueo.benchmarks import class_names
+from ueo.adaptation import training_step
+from ueo.bench.protocol import class_names
 from ueo.clip import calibrate_batchnorm, load_clip
 from ueo.data import load_image_set, make_loader
-from ueo.model import UeoModel
-from ueo.runtime import PRECISIONS, resolve_device
+from ueo.methods import get_method
+from ueo.model import UeoModel, collect_params, configure_model
+from ueo.recipe import PRECISIONS, Recipe
+from ueo.runtime import resolve_device
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> Path:
@@ -72,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
         clip = load_clip(args.model, "none", device)
     names = class_names("officehome" if args.classes == 65 else "domainnet")
-    model = UeoModel(clip, names).to(device)
-    model.use_channels_last()
-    optimizer = make_optimizer(model, AdaptConfig())
+    model = UeoModel(clip, names).to(device)  # channels_last: chosen by load_clip
+    recipe = Recipe(batch_size=args.batch, precision=args.precision)
+    method = get_method(recipe.method)
+    configure_model(model, recipe)
+    groups = collect_params(model, recipe)
+    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
     images = load_image_set(folder, names)
     images = images.subset(np.arange(args.images))
     loader = make_loader(images, clip.train_transform(), args.batch, True, args.workers, device)
@@ -95,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     loader_rate = n_loaded / (time.perf_counter() - t0)
 
     x = calib[: args.batch].to(device)
-    w = torch.full((len(x),), 0.02)
+    w = {"weight": torch.full((len(x),), 0.02)}
     step_times = []
     for _ in range(min(steps, 6) + 1):
         _sync(device)
         t0 = time.perf_counter()
-        training_step(model, x, w, optimizer, "ueo", precision=args.precision)
+        training_step(model, x, w, optimizer, method, recipe)
         _sync(device)
         step_times.append(time.perf_counter() - t0)
     model_rate = len(x) / statistics.median(step_times[1:])
@@ -112,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         training_step(
             model,
             xb.to(device, non_blocking=True),
-            torch.full((len(idx),), 0.02),
+            {"weight": torch.full((len(idx),), 0.02)},
             optimizer,
-            "ueo",
-            precision=args.precision,
+            method,
+            recipe,
         )
         n_trained += len(idx)
     _sync(device)
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_images_per_s": round(model_rate, 1),
         "epoch_images_per_s": round(epoch_rate, 1),
         "epoch_vs_model": round(epoch_rate / model_rate, 3),
+        "bound_by": "loader" if loader_rate < model_rate else "model",
     }
     if args.json:
         print(json.dumps(record))
