@@ -125,7 +125,13 @@ def run_parts(suite: Suite, sweeps: list[Sweep], out: Path) -> None:
 
 
 def _start_part(threads: int) -> None:
+    """A part's process: its share of the CPUs, and only warnings on the terminal (the
+    parent reports progress; cells keep their log lines in their log.txt)."""
     torch.set_num_threads(threads)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    log.propagate = False
 
 
 def figures(results: list, out: Path) -> dict[str, Path]:
