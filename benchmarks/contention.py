@@ -15,6 +15,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,13 +31,19 @@ def busy_loop() -> None:
         pass
 
 
-def demo_seconds(out: Path) -> float:
-    """Wall time of `ueo demo --quick` in a fresh process (imports included)."""
+def demo_seconds(out: Path) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, its processes together) of `ueo demo --quick`
+    in a fresh process, imports included. CPU time that grows under load means wasted work
+    (threads spinning); wall time that grows with the same CPU time means a smaller share."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "ueo.cli", "demo", "--quick", "--quiet", "--out", str(out)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu
 
 
 def loadavg() -> str:
@@ -54,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     busy = available_cpus() if args.busy is None else args.busy
     with tempfile.TemporaryDirectory(prefix="ueo-contention-") as tmp:
         load_before = loadavg()
-        alone = demo_seconds(Path(tmp) / "alone")
+        alone, alone_cpu = demo_seconds(Path(tmp) / "alone")
         loops = [multiprocessing.Process(target=busy_loop, daemon=True) for _ in range(busy)]
         for proc in loops:
             proc.start()
         try:
-            loaded = demo_seconds(Path(tmp) / "loaded")
+            loaded, loaded_cpu = demo_seconds(Path(tmp) / "loaded")
             load_during = loadavg()
         finally:
             for proc in loops:
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         "alone_s": round(alone, 1),
         "loaded_s": round(loaded, 1),
         "ratio": round(loaded / alone, 2),
+        "alone_cpu_s": round(alone_cpu, 1),
+        "loaded_cpu_s": round(loaded_cpu, 1),
         "loadavg_before": load_before,
         "loadavg_loaded": load_during,
     }
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             f"ueo demo --quick on {record['cpus']} CPU(s): alone {alone:.1f} s, beside {busy} "
             f"busy loop(s) {loaded:.1f} s, contention ratio {record['ratio']:.2f} (target <= 2.5)"
         )
+        print(f"CPU time (user + system): alone {alone_cpu:.1f} s, loaded {loaded_cpu:.1f} s")
         print(f"load average before {load_before}, while loaded {load_during}")
     return 0
 
