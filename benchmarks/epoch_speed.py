@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_images_per_s": round(model_rate, 1),
         "epoch_images_per_s": round(epoch_rate, 1),
         "epoch_vs_model": round(epoch_rate / model_rate, 3),
+        "bound_by": "loader" if loader_rate < model_rate else "model",
     }
     if args.json:
         print(json.dumps(record))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU benchmark (about 3-4 minutes on an H100/H200): ueo's step against the
 # reference step for RN50 and ViT-B/16 at 345 and 65 classes (fp32 equality, bf16 speed,
-# images/s, fraction of the card's bf16 matmul rate), then the throughput of a whole epoch.
+# images/s, fraction of the card's bf16 matmul rate), then the throughput of whole epochs
+# with a real loader for RN50 and ViT-B/16 in bf16, and whether the loader or the model bounds it.
 #
 # The lent GPU machines have PyTorch but not open_clip and reach no package registry, so the
 # wheels travel with the working tree: run `make wheels` here first, then on the GPU machine
@@ -25,5 +26,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 200 "$PY" benchmarks/step_speed.py --device cuda --precision bf16 --steps 5 \
   --out "$OUT/step_speed.jsonl"
-timeout 90 "$PY" benchmarks/epoch_speed.py --device cuda --precision bf16 --images 2000 \
-  --batch 64 --workers 12 --folder /tmp/ueo-epoch-images --json | tee "$OUT/epoch_speed.json"
+# Whole epochs with the real loader (JPEG decoding and augmentation in 12 workers), bf16: one
+# JSON line per model with loader, model and epoch images/s and which of them bounds the epoch.
+: > "$OUT/epoch_speed.jsonl"
+for model in RN50 ViT-B-16; do
+  timeout 120 "$PY" benchmarks/epoch_speed.py --model "$model" --device cuda --precision bf16 \
+    --images 2000 --batch 64 --workers 12 --folder /tmp/ueo-epoch-images --json \
+    | tee -a "$OUT/epoch_speed.jsonl"
+done
+"$PY" - "$OUT/epoch_speed.jsonl" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['model']} bf16 whole epoch {r['epoch_images_per_s']} img/s (loader "
+          f"{r['loader_images_per_s']}, model {r['model_images_per_s']}): bound by the {r['bound_by']}")
+PYEOF

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ueo.cache import ImageCache
 from ueo.checkpoint import (
     CHECKPOINT_FILE,
     Interrupted,
@@ -172,6 +173,7 @@ def adapt(
     zeroshot: dict[str, Outputs] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    cache: ImageCache | None = None,
 ) -> AdaptResult:
     """Adapt `model` in place on `unlabeled` images and evaluate before and after.
 
@@ -179,7 +181,8 @@ def adapt(
     sweep shares one zero-shot pass between methods. With `checkpoint_dir`, a checkpoint is
     written there at the end of every epoch and on SIGINT/SIGTERM (then `Interrupted` is
     raised); `resume=True` continues from it, if there is one, after checking it was made
-    with the same recipe, model, weights, classes and images (docs/reliability.md).
+    with the same recipe, model, weights, classes and images (docs/reliability.md). `cache`
+    (ueo.cache) holds decoded images shared by every pass.
     """
     recipe = (recipe or Recipe()).validate()
     runtime = (runtime or Runtime()).validate()
@@ -203,10 +206,13 @@ def adapt(
     device = resolve_device(runtime.device)
     model.to(device)
     bad = BadImages(runtime.on_bad_image)
+    cache = cache if cache is not None else ImageCache()
     sets = {"unlabeled": unlabeled} if test is None else {"unlabeled": unlabeled, "test": test}
 
     def run(images: ImageSet, desc: str) -> Outputs:
-        return infer(model, images, runtime, precision=recipe.precision, bad=bad, desc=desc)
+        return infer(
+            model, images, runtime, precision=recipe.precision, bad=bad, desc=desc, cache=cache
+        )
 
     zs = dict(zeroshot or {})
     for name, images in sets.items():
@@ -245,6 +251,7 @@ def adapt(
                 bad,
                 evaluate_epoch,
                 _Checkpointing(ckpt, identity, saved, curves, steps),
+                cache,
             )
     if history:
         final = {k: run(v, f"adapted {k}") for k, v in sets.items()}
@@ -342,7 +349,17 @@ def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
 
 
 def _train(
-    model, unlabeled, fixed, groups, method, recipe, runtime, bad, after_epoch, ck: _Checkpointing
+    model,
+    unlabeled,
+    fixed,
+    groups,
+    method,
+    recipe,
+    runtime,
+    bad,
+    after_epoch,
+    ck: _Checkpointing,
+    cache: ImageCache | None,
 ) -> list[dict]:
     device = resolve_device(runtime.device)
     all_fixed = fixed
@@ -366,6 +383,7 @@ def _train(
         device,
         recipe.seed,
         sampler=order,
+        cache=cache,
     )
     n_batches = len(loader)
     optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)

@@ -20,8 +20,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from ueo.cache import ImageCache
 from ueo.errors import UeoError
-from ueo.images import open_rgb
+from ueo.images import open_rgb as open_rgb  # re-exported: the reading rules live in ueo.images
 from ueo.names import OOD, UNLABELED, normalize_name
 
 log = logging.getLogger(__name__)
@@ -289,11 +290,16 @@ def _read_list(path: Path, n_known: int, root: Path, check_exists: bool) -> Imag
 
 
 class ImageDataset(Dataset):
-    """Yields (image, index, error); an unreadable image gives an error string, not a crash."""
+    """Yields (image, index, error); an unreadable image gives an error string, not a crash.
 
-    def __init__(self, images: ImageSet, transform):
+    Images are read through `cache` (ueo.cache), which a run shares between its passes; with
+    none, every access decodes the file.
+    """
+
+    def __init__(self, images: ImageSet, transform, cache: ImageCache | None = None):
         self.images = images
         self.transform = transform
+        self.cache = cache if cache is not None else ImageCache(budget=0)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -301,12 +307,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         path = self.images.paths[i]
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img = open_rgb(path)
+            return self.cache.transformed(path, self.transform), i, None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             return None, i, f"{path}: {exc}"
-        return self.transform(img), i, None
 
 
 class BadImages:
@@ -351,6 +354,7 @@ def make_loader(
     device: torch.device,
     seed: int = 0,
     sampler: Sampler | None = None,
+    cache: ImageCache | None = None,
 ) -> DataLoader:
     """A loader that keeps an accelerator fed: worker processes, pinned memory, reuse.
 
@@ -361,7 +365,7 @@ def make_loader(
     from the second epoch on would depend on `workers`.) `sampler`, if given, sets the order
     instead (and `shuffle` is ignored).
     """
-    dataset = ImageDataset(images, transform)
+    dataset = ImageDataset(images, transform, cache)
     if shuffle and sampler is None:
         order = torch.Generator()
         order.manual_seed(seed)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ueo.cache import ImageCache
 from ueo.data import BadImages, ImageSet, make_loader
 from ueo.metrics import compute_metrics
 from ueo.model import UeoModel
@@ -45,10 +46,12 @@ def infer(
     precision: str = "fp32",
     bad: BadImages | None = None,
     desc: str = "infer",
+    cache: ImageCache | None = None,
 ) -> Outputs:
     """Cosine similarities of every image to every known class, with the test transform.
 
-    The loader is iterated exactly once; the progress bar only counts batches.
+    The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
+    the test transform's pixels for the next pass over the same images (ueo.cache).
     """
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
@@ -63,6 +66,7 @@ def infer(
         False,
         workers_of(runtime),
         device,
+        cache=cache,
     )
     with tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar:
         for x, idx, errors in loader:

@@ -21,6 +21,7 @@ import torch
 
 from ueo.adaptation import adapt
 from ueo.bench.protocol import PAPER_SCENARIOS, SCENARIOS
+from ueo.cache import ImageCache
 from ueo.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ueo.clip import LoadedClip, check_model, load_clip
 from ueo.data import OOD, ImageSet
@@ -241,6 +242,7 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
     clip: LoadedClip | None = None
     pristine: dict[str, torch.Tensor] = {}
     zeroshot_cache: dict[tuple, tuple[dict[str, int], Outputs]] = {}
+    images = ImageCache()  # every pass of the sweep decodes an image once
     results = []
     for n, cell in enumerate(cells, 1):
         components = cell_components(suite, sweep, cell)
@@ -270,7 +272,7 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
             len(unlabeled),
             len(test),
         )
-        zs = _shared_zeroshot(zeroshot_cache, model, domain, names, unlabeled, test, sweep)
+        zs = _shared_zeroshot(zeroshot_cache, model, domain, names, unlabeled, test, sweep, images)
         staging = staging_dir(cell.path(out))
         resume = _resumable(staging, model, recipe, unlabeled, test)
         staging.mkdir(parents=True, exist_ok=True)
@@ -285,6 +287,7 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
                 zeroshot=zs,
                 checkpoint_dir=staging,
                 resume=resume,
+                cache=images,
             )
             log.info("  done in %.1f s", time.perf_counter() - start)
             extra = {
@@ -324,7 +327,9 @@ def _resumable(staging: Path, model: UeoModel, recipe: Recipe, unlabeled, test) 
     return True
 
 
-def _shared_zeroshot(cache, model, domain, names, unlabeled, test, sweep) -> dict[str, Outputs]:
+def _shared_zeroshot(
+    cache, model, domain, names, unlabeled, test, sweep, images
+) -> dict[str, Outputs]:
     """Zero-shot outputs of the scenario's sets, sliced from one pass over the whole domain."""
     r = sweep.recipe
     key = (domain.name, tuple(names), r.precision, r.ctx_init, r.n_ctx)
@@ -337,6 +342,7 @@ def _shared_zeroshot(cache, model, domain, names, unlabeled, test, sweep) -> dic
             sweep.runtime,
             precision=sweep.recipe.precision,
             desc=f"zero-shot {domain.name}",
+            cache=images,
         )
         cache.clear()
         cache[key] = ({p: i for i, p in enumerate(paths)}, out)

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ueo.bench.jobs import bench
 from ueo.bench.plots import histogram_plot, roc_plot
 from ueo.bench.protocol import PAPER_SCENARIOS, custom_scenario_split
-from ueo.bench.sweep import Domain, Suite, Sweep, default_methods, load_scores
+from ueo.bench.sweep import Domain, Suite, Sweep, default_methods, load_scores, run_sweep
 from ueo.data import load_image_set
 from ueo.demo import BUNDLED_MODELS
 from ueo.demo.testbed import build_testbed
@@ -29,6 +33,7 @@ from ueo.errors import UeoError
 from ueo.io import check_output_dir
 from ueo.recipe import Recipe, Runtime
 from ueo.reports import fmt
+from ueo.runtime import available_cpus, resolve_device
 
 log = logging.getLogger("ueo")
 
@@ -69,10 +74,12 @@ def run_demo(
     recipe: Recipe | None = None,
     runtime: Runtime | None = None,
     methods: list[str] | None = None,
+    processes: int | None = None,
 ) -> dict:
     """Run the demo grid and write results.{json,md,csv} and plots; returns results.json.
 
-    `quick`: one domain and fewer epochs. `recipe` replaces the demo recipe.
+    `quick`: one domain and fewer epochs. `recipe` replaces the demo recipe. `processes`: how
+    many processes share the cells on the CPU (default one per available CPU, see `parts`).
     """
     out = check_output_dir(out)
     if model not in BUNDLED_MODELS:
@@ -87,9 +94,55 @@ def run_demo(
     testbed = build_testbed()
     domains = list(testbed.domains)[:1] if quick else None
     suite = testbed_suite(testbed, domains)
+    if resolve_device(sweep.runtime.device).type == "cpu":
+        run_parts(suite, parts(suite, sweep, processes or available_cpus()), out)
     report = bench(suite, sweep, out, title=f"ueo demo: {model} on the offline testbed")
     figures(report["results"], out)
     return json.loads((out / "results.json").read_text())
+
+
+def parts(suite: Suite, sweep: Sweep, n: int) -> list[Sweep]:
+    """The grid split into at most `n` sub-grids of whole domains (each domain's zero-shot
+    pass and decoded images then serve all its cells), or of a domain's scenarios when there
+    are fewer domains than processes."""
+    domains = sweep.domains or [d.name for d in suite.domains]
+    if n >= 2 * len(domains):
+        k = min(len(sweep.scenarios), n // len(domains))
+        return [
+            replace(sweep, domains=[d], scenarios=sweep.scenarios[i::k])
+            for d in domains
+            for i in range(k)
+        ]
+    k = min(n, len(domains))
+    return [replace(sweep, domains=domains[i::k]) for i in range(k)]
+
+
+def run_parts(suite: Suite, sweeps: list[Sweep], out: Path) -> None:
+    """Run sub-grids in parallel processes, the CPUs shared out as intra-op threads.
+
+    Each process runs `run_sweep` on its part and writes its cells; the caller's sweep then
+    finds every cell done and writes the report. Cells compute the same numbers as in one
+    process: each is seeded, starts from the pristine model and gets the same zero-shot pass.
+    """
+    if len(sweeps) < 2:
+        return
+    threads = max(1, available_cpus() // len(sweeps))
+    quiet = [replace(s, runtime=s.runtime.replace(progress=False)) for s in sweeps]
+    log.info("Running the grid in %d processes of %d thread(s)", len(sweeps), threads)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(sweeps), context, _start_part, (threads,)) as pool:
+        for done in [pool.submit(run_sweep, suite, s, out) for s in quiet]:
+            done.result()
+
+
+def _start_part(threads: int) -> None:
+    """A part's process: its share of the CPUs, and only warnings on the terminal (the
+    parent reports progress; cells keep their log lines in their log.txt)."""
+    torch.set_num_threads(threads)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    log.propagate = False
 
 
 def figures(results: list, out: Path) -> dict[str, Path]:

@@ -1,0 +1,133 @@
+"""Decode once: cached pixels and decoded images give the very tensors decoding gives."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, UNKNOWN, load_calibrated
+from PIL import Image
+
+import ueo.images
+from ueo import clip
+from ueo.adaptation import adapt
+from ueo.bench.suites import folder_suite
+from ueo.bench.sweep import Sweep, run_sweep
+from ueo.cache import ImageCache, split_deterministic
+from ueo.data import load_image_set
+from ueo.recipe import Recipe, Runtime
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts every file ueo decodes, by path."""
+    counts: dict[str, int] = {}
+    real = ueo.images.open_rgb
+
+    def counting(path):
+        counts[path] = counts.get(path, 0) + 1
+        return real(path)
+
+    monkeypatch.setattr(ueo.images, "open_rgb", counting)
+    return counts
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Odd-sized RGB, palette-with-transparency and grayscale files: resizing matters."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (size, mode) in enumerate([((45, 30), "RGB"), ((20, 52), "P"), ((33, 33), "L")]):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(pixels).convert(mode)
+        if mode == "P":
+            img.info["transparency"] = 3
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_cached_test_pixels_normalise_to_the_transform_output(photos, decodes):
+    transform = clip.test_transform(32)
+    cache = ImageCache()
+    for path in photos:
+        expected = transform(ueo.images.open_rgb(path))
+        first, again = cache.transformed(path, transform), cache.transformed(path, transform)
+        assert torch.equal(first, expected) and torch.equal(again, expected)
+        assert again.dtype == expected.dtype and again.shape == expected.shape
+    assert all(n == 2 for n in decodes.values())  # once by the check above, once by the cache
+    assert cache.decodes == len(photos)
+
+
+def test_training_draws_see_the_same_image(photos):
+    transform = clip.train_transform(32)
+    cache = ImageCache()
+    cache.transformed(photos[0], transform)  # fills the cache
+    torch.manual_seed(5)
+    cached = [cache.transformed(p, transform) for p in photos for _ in range(3)]
+    torch.manual_seed(5)
+    decoded = [transform(ueo.images.open_rgb(p)) for p in photos for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(cached, decoded, strict=True))
+    assert not torch.equal(cached[0], cached[1])  # the crops really are random
+    assert cache.decodes == len(photos)
+
+
+def test_budget_bounds_the_cache(photos, decodes):
+    transform = clip.test_transform(32)
+    nothing = ImageCache(budget=0)
+    for _ in range(2):
+        for path in photos:
+            nothing.transformed(path, transform)
+    assert len(nothing) == 0 and nothing.decodes == 2 * len(photos)
+    one = ImageCache(budget=45 * 30 * 3)  # the first decoded image fits, nothing else
+    for _ in range(2):
+        for path in photos:
+            one.transformed(path, transform)
+    assert len(one) == 1 and one.used == 45 * 30 * 3
+    assert one.decodes == 1 + 2 * (len(photos) - 1)
+
+
+def test_only_resize_crop_chains_count_as_deterministic():
+    assert split_deterministic(clip.test_transform(32)) is not None
+    assert split_deterministic(clip.train_transform(32)) is None
+    assert split_deterministic(lambda img: img) is None
+
+
+def test_adapting_with_the_cache_changes_no_number(image_folder):
+    images = load_image_set(image_folder, CLASSES)
+    recipe = Recipe(method="ueo", epochs=3, batch_size=8, lr_prompt=1e-2, lr_norm=1e-2)
+    runtime = Runtime(device="cpu", workers=0, progress=False)
+    runs = []
+    for cache in (ImageCache(budget=0), ImageCache()):
+        model = load_calibrated()
+        result = adapt(model, images, recipe, runtime, test=images, cache=cache)
+        tuned = {**model.norm_parameters(recipe.norm_layers), "ctx": model.prompt.ctx}
+        runs.append((result, tuned, cache.decodes))
+    (plain, plain_tuned, plain_decodes), (cached, cached_tuned, cached_decodes) = runs
+    assert plain.metrics == cached.metrics and plain.threshold == cached.threshold
+    for phase in ("zeroshot", "adapted"):
+        for name in ("unlabeled", "test"):
+            a, b = plain.outputs[phase][name].cos, cached.outputs[phase][name].cos
+            assert np.array_equal(a, b)
+    fresh = load_calibrated()
+    start = {**fresh.norm_parameters(recipe.norm_layers), "ctx": fresh.prompt.ctx}
+    assert plain_tuned.keys() == cached_tuned.keys() == start.keys()
+    assert all(torch.equal(plain_tuned[k], cached_tuned[k]) for k in plain_tuned)
+    assert not torch.equal(plain_tuned["ctx"], start["ctx"])  # adaptation moved the prompt
+    # without a cache: 2 zero-shot passes, 3 epochs and 2 final passes decode every image
+    assert plain_decodes == 7 * len(images) and cached_decodes == len(images)
+
+
+def test_a_sweep_decodes_each_image_once(image_folder, tmp_path, decodes):
+    suite = folder_suite(image_folder, CLASSES + UNKNOWN, 3, None)
+    sweep = Sweep(
+        model="ueo-tiny-rn",
+        pretrained="bundled",
+        recipe=Recipe(epochs=2, batch_size=8),
+        runtime=Runtime(device="cpu", workers=0, progress=False),
+        methods=["zeroshot", "ueo"],
+    )
+    run_sweep(suite, sweep, tmp_path / "out")
+    assert sorted(decodes) == sorted(suite.domains[0].test.paths)
+    assert set(decodes.values()) == {1}
