@@ -21,7 +21,7 @@ def suite(n_domains: int) -> Suite:
 @pytest.mark.parametrize("processes", [1, 2, 3, 8, 16, 40])
 def test_parts_cover_the_grid_once(n_domains, processes):
     s = suite(n_domains)
-    sweep = Sweep("m", "p", methods=["zeroshot", "ueo"])
+    sweep = Sweep("test-tiny-rn", "none", methods=["zeroshot", "ueo"])
     split = parts(s, sweep, processes)
     cells = [c for part in split for c in plan(s, part)]
     assert sorted(cells, key=str) == sorted(plan(s, sweep), key=str)
