@@ -1,6 +1,6 @@
 """`ueo demo`: the benchmark sweep run over the offline testbed with a bundled tiny CLIP.
 
-It is `ueo bench` on the testbed (ueo.testbed): same grid runner, same report, plus the
+It is `ueo bench` on the testbed (ueo.demo.testbed): same grid runner, same report, plus the
 figures that show what adaptation does to OOD detection (ROC curves, MCM histograms).
 
 The demo recipe differs from the reference recipe in two settings, fixed before any result
