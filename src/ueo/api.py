@@ -58,11 +58,8 @@ def load_adapted(
 ) -> tuple[UeoModel, dict]:
     """Rebuild an adapted model from its adapter file (base weights named in its metadata,
     unless `pretrained` overrides them)."""
-    tensors, meta = load_adapter(adapter)
-    try:
-        recipe = Recipe.from_dict(meta["recipe"]).validate()
-    except UeoError as exc:
-        raise UeoError(f"Adapter {adapter} stores an invalid recipe: {exc}") from None
+    tensors, meta = load_adapter(adapter)  # its recipe is checked there
+    recipe = Recipe.from_dict(meta["recipe"])
     model = load_model(
         meta["model"],
         pretrained or meta["pretrained"],

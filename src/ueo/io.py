@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ueo.errors import UeoError
+from ueo.recipe import Recipe
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -192,7 +193,8 @@ def _reject_constant(name: str):
 
 
 def _check_metadata(path: Path, info, tensors: dict[str, torch.Tensor]) -> None:
-    """Keys, types, finite threshold and the tensors' checksum; each failure is one line."""
+    """Keys, types, a valid recipe, finite threshold and the tensors' checksum; each failure
+    is one line."""
     if not isinstance(info, dict):
         raise UeoError(f"{path}: its ueo metadata is not a JSON object.")
     missing = [k for k in REQUIRED_METADATA if k not in info]
@@ -210,6 +212,10 @@ def _check_metadata(path: Path, info, tensors: dict[str, torch.Tensor]) -> None:
     for key in ("model", "pretrained"):
         if not info[key].strip():
             raise UeoError(f"{path}: metadata {key} is empty.")
+    try:
+        Recipe.from_dict(info["recipe"]).validate()
+    except (UeoError, TypeError) as exc:
+        raise UeoError(f"Adapter {path} stores an invalid recipe: {exc}") from None
     if tensors_sha256(tensors) != info["tensors_sha256"]:
         raise UeoError(
             f"{path}: its tensors do not match the checksum in its metadata (the file was "
