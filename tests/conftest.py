@@ -89,6 +89,28 @@ def make_folder(root, per_class: int = 6, seed: int = 0, classes=None) -> None:
             draw(name, rng).save(d / f"{i:03d}.png")
 
 
+def untrained_run(root) -> dict:
+    """A labelled folder (one image per class), a class file and a real adapter of the bundled
+    ueo-tiny-rn made without training, under `root`: what tests of eval/predict inputs need."""
+    from ueo.jobs import adapt_job
+    from ueo.recipe import Recipe, Runtime
+
+    data = root / "images"
+    make_folder(data, per_class=1)
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    adapt_job(
+        root / "run",
+        model="ueo-tiny-rn",
+        pretrained="bundled",
+        data=str(data),
+        classes=str(classes),
+        recipe=Recipe(epochs=0),
+        runtime=Runtime(device="cpu", workers=0, progress=False),
+    )
+    return {"data": str(data), "classes": str(classes), "adapter": root / "run"}
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """root/<class>/<img>.png with 4 known classes and 1 unknown class."""

@@ -11,7 +11,7 @@ import stat
 
 import pytest
 import torch
-from conftest import CLASSES, UNKNOWN, make_folder
+from conftest import CLASSES, UNKNOWN, untrained_run
 
 import ueo.bench.jobs
 import ueo.bench.sweep
@@ -22,7 +22,7 @@ from ueo.cli import main
 from ueo.errors import UeoError
 from ueo.io import check_output_dir, check_output_file
 from ueo.jobs import adapt_job, eval_job, predict_job
-from ueo.recipe import Recipe, Runtime
+from ueo.recipe import Runtime
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -61,30 +61,16 @@ def loads(monkeypatch):
 def setup(tmp_path_factory):
     """A labelled folder, a class file, a file and a real tiny adapter made without training."""
     tmp_path = tmp_path_factory.mktemp("bad-options")
-    data = tmp_path / "images"
-    make_folder(data, per_class=1)
-    classes = tmp_path / "classes.txt"
-    classes.write_text("\n".join(CLASSES) + "\n")
+    run = untrained_run(tmp_path)
     every = tmp_path / "all.txt"
     every.write_text("\n".join(CLASSES + UNKNOWN) + "\n")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    run = tmp_path / "run"
-    adapt_job(
-        run,
-        model="ueo-tiny-rn",
-        pretrained="bundled",
-        data=str(data),
-        classes=str(classes),
-        recipe=Recipe(epochs=0),
-        runtime=Runtime(device="cpu", workers=0, progress=False),
-    )
     return {
-        "data": str(data),
-        "classes": str(classes),
+        **run,
         "all": str(every),
         "afile": str(afile),
-        "adapter": str(run),
+        "adapter": str(run["adapter"]),
         "tmp": tmp_path,
     }
 

@@ -16,15 +16,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import CLASSES, make_folder
+from conftest import untrained_run
 
 from ueo.bench.sweep import SCORES_FILE, load_scores
 from ueo.cli import main
 from ueo.demo import testbed
 from ueo.errors import UeoError
 from ueo.io import ADAPTER_FILE, load_adapter, save_adapter
-from ueo.jobs import adapt_job
-from ueo.recipe import Recipe, Runtime
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -70,21 +68,7 @@ def test_the_payload_is_real(tmp_path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A labelled folder, a class file and a real tiny adapter (no training)."""
-    tmp = tmp_path_factory.mktemp("unpickle")
-    data = tmp / "images"
-    make_folder(data, per_class=1)
-    classes = tmp / "classes.txt"
-    classes.write_text("\n".join(CLASSES) + "\n")
-    adapt_job(
-        tmp / "run",
-        model="ueo-tiny-rn",
-        pretrained="bundled",
-        data=str(data),
-        classes=str(classes),
-        recipe=Recipe(epochs=0),
-        runtime=Runtime(device="cpu", workers=0, progress=False),
-    )
-    return {"data": str(data), "classes": str(classes), "adapter": tmp / "run"}
+    return untrained_run(tmp_path_factory.mktemp("unpickle"))
 
 
 def refused(argv, capsys, *words) -> str:
