@@ -26,7 +26,7 @@ from ueo.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ueo.clip import LoadedClip, check_model, load_clip
 from ueo.data import OOD, ImageSet
 from ueo.errors import UeoError
-from ueo.fingerprint import describe_changes, digest, images_digest, run_identity, weights_identity
+from ueo.fingerprint import describe_changes, digest, run_identity
 from ueo.inference import Outputs, infer
 from ueo.io import atomic_write
 from ueo.methods import get_method, method_names
@@ -178,16 +178,14 @@ def cell_components(suite: Suite, sweep: Sweep, cell: Cell) -> dict:
     """What determines a cell's numbers: its whole recipe, the model and its weights, the
     suite's class names in order, the scenario's class split and the cell's images."""
     names, unlabeled, test = suite.scenario_sets(suite.domain(cell.domain), cell.scenario)
+    run = run_identity(
+        sweep.model, sweep.pretrained, names, sweep.cell_recipe(cell), unlabeled, test
+    )
     return {
-        "recipe": asdict(sweep.cell_recipe(cell)),
-        "model": sweep.model,
-        "pretrained": sweep.pretrained,
-        "weights": weights_identity(sweep.model, sweep.pretrained),
+        **run,
         "class_names": list(suite.class_names),
         "split": {k: list(v) for k, v in suite.splits[cell.scenario].items()},
         "known_classes": names,
-        "unlabeled": images_digest(unlabeled),
-        "test": images_digest(test),
     }
 
 
