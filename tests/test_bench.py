@@ -13,7 +13,16 @@ import ueo.bench.sweep
 from ueo.bench.jobs import bench, bench_recipe, parse_shard
 from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, class_names
 from ueo.bench.suites import folder_suite
-from ueo.bench.sweep import Cell, Domain, Suite, Sweep, cell_fingerprint, plan, status
+from ueo.bench.sweep import (
+    Cell,
+    Domain,
+    Suite,
+    Sweep,
+    cell_fingerprint,
+    plan,
+    run_sweep,
+    status,
+)
 from ueo.cli import build_parser, main
 from ueo.data import ImageSet
 from ueo.errors import UeoError
@@ -377,3 +386,17 @@ def test_recipe_change_recomputes_a_cell_and_runtime_change_does_not(
     )
     assert metrics.stat().st_mtime_ns != stamp
     assert json.loads(metrics.read_text())["recipe"]["lr_prompt"] == 1e-3
+
+
+def test_every_cell_is_reported_once_computed_or_read_back(image_folder, tmp_path):
+    """`on_cell` drives the demo's progress bar over its parallel parts."""
+    suite = folder_suite(image_folder, CLASSES + UNKNOWN, known=3)
+    quiet = Runtime(device="cpu", workers=0, progress=False)
+    recipe = Recipe(epochs=1, batch_size=8)
+    sweep = Sweep("test-tiny-rn", "none", recipe, quiet, scenarios=["CDA", "ODA"], seeds=[1])
+    sweep = replace(sweep, methods=["zeroshot", "ueo"])
+    for _ in range(2):  # computed, then read back
+        told = []
+        results = run_sweep(suite, sweep, tmp_path / "sweep", on_cell=told.append)
+        assert told == [cell for cell, _ in results] == plan(suite, sweep)
+        assert len(told) == 4

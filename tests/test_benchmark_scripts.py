@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from ueo.errors import UeoError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import batch_finish  # noqa: E402
 import epoch_speed  # noqa: E402
 import step_speed  # noqa: E402
 
@@ -58,3 +61,13 @@ def test_epoch_speed_reports_three_rates(tmp_path, capsys):
     for key in ("loader_images_per_s", "model_images_per_s", "epoch_images_per_s"):
         assert record[key] > 0
     assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 24
+
+
+def test_batch_finish_compares_equal_batches(capsys):
+    try:
+        code = batch_finish.main(["--passes", "1", "--limit", "150", "--json"])
+    except UeoError as exc:
+        pytest.skip(f"testbed data not installed: {exc}")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and record["equal"] and record["images"] == 150
+    assert record["per_image_s"] > 0 and record["per_batch_s"] > 0

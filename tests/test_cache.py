@@ -1,18 +1,21 @@
 """Decode once: cached pixels and decoded images give the very tensors decoding gives."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from conftest import CLASSES, UNKNOWN, load_calibrated
 from PIL import Image
+from torchvision import transforms as T
 
 import ueo.images
 from ueo import clip
 from ueo.adaptation import adapt
 from ueo.bench.suites import folder_suite
 from ueo.bench.sweep import Sweep, run_sweep
-from ueo.cache import ImageCache, split_deterministic
-from ueo.data import load_image_set
+from ueo.cache import ImageCache, split_transform
+from ueo.data import ImageDataset, load_image_set, make_loader
 from ueo.recipe import Recipe, Runtime
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -88,10 +91,30 @@ def test_budget_bounds_the_cache(photos, decodes):
     assert one.decodes == 1 + 2 * (len(photos) - 1)
 
 
-def test_only_resize_crop_chains_count_as_deterministic():
-    assert split_deterministic(clip.test_transform(32)) is not None
-    assert split_deterministic(clip.train_transform(32)) is None
-    assert split_deterministic(lambda img: img) is None
+def test_only_pil_chains_before_to_tensor_are_split():
+    assert split_transform(clip.test_transform(32)).deterministic
+    assert not split_transform(clip.train_transform(32)).deterministic
+    assert split_transform(lambda img: img) is None
+    with_jitter = T.Compose([T.ColorJitter(0.5), T.ToTensor()])  # not a listed PIL op
+    assert split_transform(with_jitter) is None
+    two_tails = T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3), T.RandomErasing()])
+    assert split_transform(two_tails) is None
+
+
+@pytest.mark.parametrize("make", [clip.train_transform, clip.test_transform])
+def test_batches_finished_at_once_equal_the_per_image_transform(photos, make):
+    """ToTensor's scaling and Normalize moved to the batch change no bit; the random crops
+    are drawn in the same order, from the same generator."""
+    transform = make(32)
+    images = load_image_set(str(Path(photos[0]).parent), ["x"])
+    torch.manual_seed(3)
+    loader = make_loader(images, transform, 2, False, 0, torch.device("cpu"))
+    batches = [x for _ in range(2) for x, _, _ in loader]
+    torch.manual_seed(3)
+    singles = [transform(ueo.images.open_rgb(p)) for _ in range(2) for p in images.paths]
+    assert all(b.dtype == torch.float32 for b in batches)
+    assert torch.equal(torch.cat(batches), torch.stack(singles))
+    assert ImageDataset(images, transform)[0][0].dtype == torch.uint8
 
 
 def test_adapting_with_the_cache_changes_no_number(image_folder):

@@ -96,6 +96,12 @@ def one_full_batch(model, images: ImageSet, **recipe) -> dict[str, torch.Tensor]
     return {k: v.clone() for k, v in model.adapter_state(recipe.norm_layers).items()}
 
 
+def first_images(images, model, n: int) -> torch.Tensor:
+    """The first `n` images through the model's test transform, as one batch."""
+    dataset = ImageDataset(images, model.clip.test_transform())
+    return dataset.collate([dataset[i] for i in range(n)])[0]
+
+
 def test_one_step_matches_the_script(image_folder, single_thread):
     """ResNet: the script's name rule and ueo's default tune the same tensors, to the same
     values; `--norm-layers all` adds exactly the projection shortcuts' BatchNorms."""
@@ -103,9 +109,7 @@ def test_one_step_matches_the_script(image_folder, single_thread):
     lr = 0.05  # large enough that one step moves every tuned tensor visibly
     model = load_calibrated("test-tiny-rn")
     net, tok = model.net, model.clip.tokenizer
-    batch = torch.stack(
-        [ImageDataset(images, model.clip.test_transform())[i][0] for i in range(30)]
-    )
+    batch = first_images(images, model, 30)
     before = {k: v.clone() for k, v in model.adapter_state("all").items()}
     expected = script_step(net, tok, CLASSES, batch, lr, lr)
 
@@ -138,9 +142,7 @@ def test_one_step_matches_the_script_vit(image_folder, single_thread):
     lr = 5.0  # one step that visibly moves every LayerNorm of the trained model
     model = UeoModel(load_clip("ueo-tiny-vit", "bundled"), CLASSES)
     net, tok = model.net, model.clip.tokenizer
-    batch = torch.stack(
-        [ImageDataset(images, model.clip.test_transform())[i][0] for i in range(30)]
-    )
+    batch = first_images(images, model, 30)
     before = {k: v.clone() for k, v in model.adapter_state().items()}
     assert set(model.norm_parameters("all")) == set(model.norm_parameters("reference"))
     expected = script_step(net, tok, CLASSES, batch, lr, lr)

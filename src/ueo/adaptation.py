@@ -154,13 +154,20 @@ def training_step(
 
 
 def _nonfinite(optimizer: torch.optim.Optimizer, grads: bool) -> str | None:
-    """The first tuned tensor (or its gradient) holding NaN or Inf, as `group[index]`."""
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
-            t = p.grad if grads else p
-            if t is not None and not bool(torch.isfinite(t).all()):
-                return f"{group.get('name', 'group')}[{i}]"
-    return None
+    """The first tuned tensor (or its gradient) holding NaN or Inf, as `group[index]`.
+
+    One check over all tensors at once (a step has dozens of small ones); only when it fails
+    are they searched one by one, for the name.
+    """
+    named = [
+        (f"{group.get('name', 'group')}[{i}]", p.grad if grads else p)
+        for group in optimizer.param_groups
+        for i, p in enumerate(group["params"])
+    ]
+    present = [t.detach().reshape(-1) for _, t in named if t is not None]
+    if not present or bool(torch.isfinite(torch.cat(present)).all()):
+        return None
+    return next(n for n, t in named if t is not None and not bool(torch.isfinite(t).all()))
 
 
 def adapt(

@@ -1,13 +1,15 @@
-"""Decode each image once: decoded images and test-transform pixels kept in memory, bounded.
+"""Decode once, and do per image only what differs per image.
 
-Evaluation uses a deterministic transform (resize, centre crop, to tensor, normalise), so its
-output before normalisation, a uint8 tensor, is the same at every pass: it is kept per image
-and normalised again when used, which gives the very tensor the whole transform gives (the
-division by 255 and the normalisation are the same operations in the same order).
+A transform of the form `[PIL ops..., ToTensor, Normalize]` is split in two (`split_transform`):
+the PIL ops run per image and give uint8 pixels; ToTensor's division by 255 and the
+normalisation run once per batch (`Split.finish`). They are elementwise, so a batch gets the
+very numbers the per-image transform gives, at a fraction of the per-image overhead.
 
-A training transform draws random numbers (RandomResizedCrop, flip); only the decoded RGB
-image is kept, and the random operations run on it at every epoch, as on a freshly decoded
-image: the same draws give the same crops, so caching changes no number.
+Evaluation's PIL ops (resize, centre crop) are deterministic: their uint8 output is the same
+at every pass, so it is kept per image. A training transform draws random numbers
+(RandomResizedCrop, flip); only the decoded RGB image is kept, and the random operations run on
+it at every epoch, as on a freshly decoded image: the same draws give the same crops, so
+caching changes no number.
 
 Entries are stored until the byte budget is spent; an image beyond it is decoded each time it
 is used (no eviction: a pass visits every image, and evicting under such a scan would decode
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -28,6 +31,14 @@ from ueo import images
 
 DEFAULT_BUDGET = 2 << 30  # bytes
 DETERMINISTIC_OPS = (T.Resize, T.CenterCrop)
+# PIL ops that keep an RGB image RGB: after them, pil_to_tensor gives ToTensor's uint8 input.
+PIL_OPS = (
+    *DETERMINISTIC_OPS,
+    T.RandomResizedCrop,
+    T.RandomCrop,
+    T.RandomHorizontalFlip,
+    T.RandomVerticalFlip,
+)
 
 
 def default_budget() -> int:
@@ -39,19 +50,44 @@ def default_budget() -> int:
     return min(DEFAULT_BUDGET, memory // 4)
 
 
-def split_deterministic(transform) -> tuple[list, T.Normalize | None] | None:
-    """(pixel ops, normalisation) of a `Compose` of resizes/crops, ToTensor and Normalize;
-    None for a transform that is not such a chain (a random one, for instance)."""
+@dataclass(frozen=True)
+class Split:
+    """A transform as PIL ops per image, then ToTensor's scaling and Normalize per batch."""
+
+    ops: tuple
+    normalize: T.Normalize | None
+
+    @property
+    def deterministic(self) -> bool:
+        return all(type(op) in DETERMINISTIC_OPS for op in self.ops)
+
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        """The PIL ops on one RGB image: uint8 pixels, channels first."""
+        for op in self.ops:
+            img = op(img)
+        return T.functional.pil_to_tensor(img)
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (one image or a batch) to the tensor the whole transform gives."""
+        x = pixels.to(torch.get_default_dtype()).div(255)
+        if self.normalize is None:
+            return x
+        return T.functional.normalize(x, self.normalize.mean, self.normalize.std, inplace=True)
+
+
+def split_transform(transform) -> Split | None:
+    """The `Split` of a `Compose` of `PIL_OPS`, ToTensor and at most a Normalize; None for
+    any other transform (it then runs whole, per image)."""
     ops = getattr(transform, "transforms", None)
-    if not ops or not any(isinstance(op, T.ToTensor) for op in ops):
+    if not ops or not any(type(op) is T.ToTensor for op in ops):
         return None
-    at = next(i for i, op in enumerate(ops) if isinstance(op, T.ToTensor))
+    at = next(i for i, op in enumerate(ops) if type(op) is T.ToTensor)
     pixel_ops, tail = ops[:at], ops[at + 1 :]
-    if not all(type(op) in DETERMINISTIC_OPS for op in pixel_ops):
+    if not all(type(op) in PIL_OPS for op in pixel_ops):
         return None
-    if len(tail) > 1 or (tail and not isinstance(tail[0], T.Normalize)):
+    if len(tail) > 1 or (tail and type(tail[0]) is not T.Normalize):
         return None
-    return pixel_ops, tail[0] if tail else None
+    return Split(tuple(pixel_ops), tail[0] if tail else None)
 
 
 class ImageCache:
@@ -96,21 +132,21 @@ class ImageCache:
                 self._decoded[path] = img
         return img
 
-    def transformed(self, path: str, transform) -> torch.Tensor:
-        """`transform(open_rgb(path))`, from the cached pixels when the transform is
-        deterministic, from the cached decoded image otherwise."""
-        split = split_deterministic(transform)
-        if split is None:
-            return transform(self.image(path))
-        pixel_ops, normalize = split
-        key = (path, repr(pixel_ops))
+    def pixels(self, path: str, split: Split) -> torch.Tensor:
+        """`split.pixels(open_rgb(path))`, kept when the split's ops are deterministic."""
+        if not split.deterministic:
+            return split.pixels(self.image(path))
+        key = (path, repr(split.ops))
         pixels = self._pixels.get(key)
         if pixels is None:
-            img = self.image(path)
-            for op in pixel_ops:
-                img = op(img)
-            pixels = T.functional.pil_to_tensor(img).contiguous()
+            pixels = split.pixels(self.image(path)).contiguous()
             if self._fits(pixels.numel()):
                 self._pixels[key] = pixels
-        x = pixels.to(torch.get_default_dtype()).div(255)
-        return normalize(x) if normalize is not None else x
+        return pixels
+
+    def transformed(self, path: str, transform) -> torch.Tensor:
+        """`transform(open_rgb(path))`, from the cached pixels or decoded image."""
+        split = split_transform(transform)
+        if split is None:
+            return transform(self.image(path))
+        return split.finish(self.pixels(path, split))

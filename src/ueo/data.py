@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from ueo.cache import ImageCache
+from ueo.cache import ImageCache, split_transform
 from ueo.errors import UeoError
 from ueo.images import open_rgb as open_rgb  # re-exported: the reading rules live in ueo.images
 from ueo.names import OOD, UNLABELED, normalize_name
@@ -293,12 +293,14 @@ class ImageDataset(Dataset):
     """Yields (image, index, error); an unreadable image gives an error string, not a crash.
 
     Images are read through `cache` (ueo.cache), which a run shares between its passes; with
-    none, every access decodes the file.
+    none, every access decodes the file. A transform that `split_transform` splits yields
+    uint8 pixels per image, finished per batch by `collate`; any other yields its own output.
     """
 
     def __init__(self, images: ImageSet, transform, cache: ImageCache | None = None):
         self.images = images
         self.transform = transform
+        self.split = split_transform(transform)
         self.cache = cache if cache is not None else ImageCache(budget=0)
 
     def __len__(self) -> int:
@@ -307,9 +309,18 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         path = self.images.paths[i]
         try:
-            return self.cache.transformed(path, self.transform), i, None
+            if self.split is None:
+                return self.cache.transformed(path, self.transform), i, None
+            return self.cache.pixels(path, self.split), i, None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             return None, i, f"{path}: {exc}"
+
+    def collate(self, batch):
+        """`collate`, the batch's pixels finished into the transform's output."""
+        images, index, bad = collate(batch)
+        if images is not None and self.split is not None:
+            images = self.split.finish(images)
+        return images, index, bad
 
 
 class BadImages:
@@ -377,7 +388,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=dataset.collate,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,

@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -229,10 +230,13 @@ def _restore(net: torch.nn.Module, pristine: dict[str, torch.Tensor]) -> None:
             p.copy_(pristine[name])
 
 
-def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, dict]]:
+def run_sweep(
+    suite: Suite, sweep: Sweep, out: str | Path, on_cell: Callable[[Cell], None] | None = None
+) -> list[tuple[Cell, dict]]:
     """Run every missing cell; complete cells are read back, so a sweep resumes where it stopped.
 
-    Returns (cell, metrics record) for every cell of the plan.
+    Returns (cell, metrics record) for every cell of the plan; `on_cell` is told of each cell
+    as it is done or read back (progress of a sweep run in another process).
     """
     out = Path(out)
     cells = plan(suite, sweep)
@@ -247,6 +251,8 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
         if is_done(cell, out, components):
             record = json.loads((cell.path(out) / METRICS_FILE).read_text())
             results.append((cell, record))
+            if on_cell is not None:
+                on_cell(cell)
             continue
         if clip is None:
             clip = load_clip(sweep.model, sweep.pretrained, device, sweep.runtime.channels_last)
@@ -298,6 +304,8 @@ def run_sweep(suite: Suite, sweep: Sweep, out: str | Path) -> list[tuple[Cell, d
             record = save_run(staging, model, result, extra)
         publish(staging, cell.path(out))
         results.append((cell, record))
+        if on_cell is not None:
+            on_cell(cell)
     return results
 
 
