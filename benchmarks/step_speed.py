@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
 import time
@@ -100,6 +102,21 @@ class StepMemory:
             self.mib = sum(self.saved.values()) / 2**20
 
 
+class KernelTime:
+    """System CPU seconds and minor page faults of this process during a step: freed
+    activations that the allocator hands back to the kernel are faulted in again, page by
+    page, at the next step (docs/performance.md)."""
+
+    def __enter__(self):
+        self.start = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc):
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        self.system_s = end.ru_stime - self.start.ru_stime
+        self.page_faults = end.ru_minflt - self.start.ru_minflt
+
+
 def reference_step(model: UeoModel, images, weights, optimizer) -> float:
     """The step of docs/spec.md as the authors' script computes it: full prompts, fp32."""
     optimizer.zero_grad(set_to_none=True)
@@ -141,6 +158,8 @@ def run_case(
     fixed = {"weight": weights}
 
     times = {"reference": [], "ueo": []}
+    system = {"reference": [], "ueo": []}
+    faults = {"reference": [], "ueo": []}
     losses = {"reference": [], "ueo": []}
     memory = {}
     after3 = {}
@@ -153,11 +172,13 @@ def run_case(
             ("ueo", lambda: training_step(ours, images, fixed, opt_ours, UEO, RECIPE)),
         ):
             _sync(device)
-            with StepMemory(device, params) as mem:
+            with StepMemory(device, params) as mem, KernelTime() as kernel:
                 t0 = time.perf_counter()
                 losses[name].append(fn())
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
+            system[name].append(kernel.system_s)
+            faults[name].append(kernel.page_faults)
             memory[name] = max(memory.get(name, 0.0), mem.mib)
             if name == "ueo" and grad_norm is None:
                 grad_norm = float(
@@ -222,6 +243,9 @@ def run_case(
         "first_grad_norm": grad_norm,
         "step_memory_mib": {k: round(v, 1) for k, v in memory.items()},
         "step_memory_kind": "cuda_peak_allocated" if device.type == "cuda" else "saved_activations",
+        "system_s_per_step": {k: round(statistics.median(v[1:]), 2) for k, v in system.items()},
+        "page_faults_per_step": {k: int(statistics.median(v[1:])) for k, v in faults.items()},
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "steps": steps,
         "lr": LR,
     }
@@ -321,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"|dloss| {rec['max_abs_loss_diff_3_steps']:.1e}, |dparam| "
                 f"{rec['max_abs_param_diff_after_3_steps']:.1e} (params moved "
                 f"{rec['max_abs_param_change_after_3_steps']:.1e}); step memory MiB "
-                f"{rec['step_memory_mib']}; {rec['images_per_s_ueo']} images/s"
+                f"{rec['step_memory_mib']}; system s/step {rec['system_s_per_step']}, page "
+                f"faults/step {rec['page_faults_per_step']}; {rec['images_per_s_ueo']} images/s"
                 + _low_precision_summary(rec, args.precision),
                 flush=True,
             )
