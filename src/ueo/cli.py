@@ -428,6 +428,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.device == "cpu":  # the part processes import ueo while this one does
+        from ueo.demo.processes import start_part_server
+
+        start_part_server()
     from ueo.demo.runner import run_demo, table
 
     runtime = Runtime(device=args.device, workers=0, progress=not args.quiet).validate()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ueo.cpus import available_cpus
 from ueo.errors import UeoError
 from ueo.recipe import Runtime
 
@@ -65,35 +64,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def available_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_quota()
-    return max(1, min(cpus, quota) if quota else cpus)
-
-
-def _cgroup_quota() -> int | None:
-    """CPUs allowed by a cgroup v2 `cpu.max` (or v1 cfs quota), rounded up; None if unlimited."""
-    v2 = Path("/sys/fs/cgroup/cpu.max")
-    try:
-        if v2.is_file():
-            quota, period = v2.read_text().split()[:2]
-            if quota == "max":
-                return None
-            return max(1, -(-int(quota) // int(period)))
-        v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-        if v1.is_file():
-            quota = int(v1.read_text())
-            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            return None if quota <= 0 else max(1, -(-quota // period))
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def use_available_cpus() -> int:

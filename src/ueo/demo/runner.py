@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
@@ -29,14 +28,16 @@ from ueo.bench.jobs import bench
 from ueo.bench.plots import histogram_plot, roc_plot
 from ueo.bench.protocol import PAPER_SCENARIOS, custom_scenario_split
 from ueo.bench.sweep import Domain, Suite, Sweep, default_methods, load_scores, plan, run_sweep
+from ueo.cpus import available_cpus
 from ueo.data import load_image_set
 from ueo.demo import BUNDLED_MODELS
+from ueo.demo.processes import part_context
 from ueo.demo.testbed import build_testbed
 from ueo.errors import UeoError
 from ueo.io import check_output_dir
 from ueo.recipe import Recipe, Runtime
 from ueo.reports import fmt
-from ueo.runtime import available_cpus, resolve_device
+from ueo.runtime import resolve_device
 
 log = logging.getLogger("ueo")
 
@@ -134,7 +135,7 @@ def run_parts(suite: Suite, sweeps: list[Sweep], out: Path, progress: bool = Fal
     threads = max(1, available_cpus() // len(sweeps))
     quiet = [replace(s, runtime=s.runtime.replace(progress=False)) for s in sweeps]
     log.info("Running the grid in %d processes of %d thread(s)", len(sweeps), threads)
-    context = multiprocessing.get_context("spawn")
+    context = part_context()
     cells = context.SimpleQueue()
     total = sum(len(plan(suite, s)) for s in sweeps)
     with (
