@@ -74,7 +74,7 @@ def test_adaptation_changes_the_demo_results(quick_demo):
     zeroshot = mean["CDA"]["zeroshot"]
     # The bundled model does better than chance (10 known classes, 50% AUROC) zero-shot...
     assert zeroshot["acc"] > 0.2 and zeroshot["auroc"] > 0.55
-    # ...and UEO improves on it: by ~18 points of ACC and ~7 of AUROC on this testbed.
+    # ...and UEO improves on it: by ~22 points of ACC and ~10 of AUROC (--quick, blur).
     ueo = mean["CDA"]["ueo"]
     assert ueo["acc"] > zeroshot["acc"] + 0.05
     assert ueo["auroc"] > zeroshot["auroc"] + 0.02
