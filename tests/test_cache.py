@@ -15,7 +15,8 @@ from ueo.adaptation import adapt
 from ueo.bench.suites import folder_suite
 from ueo.bench.sweep import Sweep, run_sweep
 from ueo.cache import ImageCache, split_transform
-from ueo.data import ImageDataset, load_image_set, make_loader
+from ueo.data import ImageDataset, ImageSet, load_image_set, make_loader
+from ueo.names import UNLABELED
 from ueo.recipe import Recipe, Runtime
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -51,12 +52,18 @@ def photos(tmp_path):
     return paths
 
 
+def through(cache: ImageCache, path: str, transform) -> torch.Tensor:
+    """One image as a loader gets it: the dataset's item, finished by the dataset's collate."""
+    dataset = ImageDataset(ImageSet([path], np.array([UNLABELED])), transform, cache)
+    return dataset.collate([dataset[0]])[0][0]
+
+
 def test_cached_test_pixels_normalise_to_the_transform_output(photos, decodes):
     transform = clip.test_transform(32)
     cache = ImageCache()
     for path in photos:
         expected = transform(ueo.images.open_rgb(path))
-        first, again = cache.transformed(path, transform), cache.transformed(path, transform)
+        first, again = through(cache, path, transform), through(cache, path, transform)
         assert torch.equal(first, expected) and torch.equal(again, expected)
         assert again.dtype == expected.dtype and again.shape == expected.shape
     assert all(n == 2 for n in decodes.values())  # once by the check above, once by the cache
@@ -66,9 +73,9 @@ def test_cached_test_pixels_normalise_to_the_transform_output(photos, decodes):
 def test_training_draws_see_the_same_image(photos):
     transform = clip.train_transform(32)
     cache = ImageCache()
-    cache.transformed(photos[0], transform)  # fills the cache
+    through(cache, photos[0], transform)  # fills the cache
     torch.manual_seed(5)
-    cached = [cache.transformed(p, transform) for p in photos for _ in range(3)]
+    cached = [through(cache, p, transform) for p in photos for _ in range(3)]
     torch.manual_seed(5)
     decoded = [transform(ueo.images.open_rgb(p)) for p in photos for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(cached, decoded, strict=True))
@@ -81,12 +88,12 @@ def test_budget_bounds_the_cache(photos, decodes):
     nothing = ImageCache(budget=0)
     for _ in range(2):
         for path in photos:
-            nothing.transformed(path, transform)
+            through(nothing, path, transform)
     assert len(nothing) == 0 and nothing.decodes == 2 * len(photos)
     one = ImageCache(budget=45 * 30 * 3)  # the first decoded image fits, nothing else
     for _ in range(2):
         for path in photos:
-            one.transformed(path, transform)
+            through(one, path, transform)
     assert len(one) == 1 and one.used == 45 * 30 * 3
     assert one.decodes == 1 + 2 * (len(photos) - 1)
 

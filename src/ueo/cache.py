@@ -143,10 +143,3 @@ class ImageCache:
             if self._fits(pixels.numel()):
                 self._pixels[key] = pixels
         return pixels
-
-    def transformed(self, path: str, transform) -> torch.Tensor:
-        """`transform(open_rgb(path))`, from the cached pixels or decoded image."""
-        split = split_transform(transform)
-        if split is None:
-            return transform(self.image(path))
-        return split.finish(self.pixels(path, split))

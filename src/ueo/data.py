@@ -310,7 +310,7 @@ class ImageDataset(Dataset):
         path = self.images.paths[i]
         try:
             if self.split is None:
-                return self.cache.transformed(path, self.transform), i, None
+                return self.transform(self.cache.image(path)), i, None
             return self.cache.pixels(path, self.split), i, None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             return None, i, f"{path}: {exc}"
