@@ -63,13 +63,16 @@ def assert_same_adapter(a, b, tol=1e-6) -> None:
 @pytest.fixture
 def slow_images(tmp_path):
     """Unlabeled images large enough (decoding ~10 ms each) that an epoch can be caught."""
-    root = tmp_path / "slow"
+    return noise_images(tmp_path / "slow", 32, 600, seed=0)
+
+
+def noise_images(root, n: int, size: int, seed: int):
+    """`n` RGB noise PNGs of `size` x `size` in a new folder `root`, named in order."""
     root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(32):
-        Image.fromarray(rng.integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(
-            root / f"{i:03d}.png"
-        )
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:03d}.png")
     return root
 
 
@@ -250,12 +253,7 @@ def test_out_folder_with_foreign_files_is_refused(tmp_path, small_folder):
 
 @pytest.fixture
 def unlabeled_images(tmp_path):
-    root = tmp_path / "unlabeled"
-    root.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+    return noise_images(tmp_path / "unlabeled", 12, 40, seed=1)
 
 
 def test_diverging_run_fails_and_writes_no_result(tmp_path, unlabeled_images, capsys):
