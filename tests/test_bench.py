@@ -147,7 +147,7 @@ def test_bench_custom_folder(image_folder, tmp_path, capsys):
         "bench",
         "--data",
         str(image_folder),
-        "--classes",
+        "--all-classes",
         str(classes),
         "--known",
         "3",
@@ -177,7 +177,7 @@ def test_bench_custom_folder(image_folder, tmp_path, capsys):
     assert oda["adapted"]["unlabeled"]["n_ood"] == 12
     i = args.index("--known")
     assert main(args[:i] + ["--known-classes", "nope"] + args[i + 2 :]) == 2
-    assert "not in --classes" in capsys.readouterr().err
+    assert "not in --all-classes" in capsys.readouterr().err
 
 
 def test_bench_errors(officehome, tmp_path, capsys):
