@@ -388,9 +388,11 @@ def test_bad_options(capsys, tmp_path, image_folder, classes_file):
     assert "needs a CUDA GPU" in error_of(capsys, [*argv, "--device", "cpu"])
     msg = error_of(capsys, cli("eval --data", image_folder))
     assert "--adapter or --zeroshot" in msg
+    msg = error_of(capsys, cli("eval --zeroshot --model RN50 --data", image_folder))
+    assert "needs --model and --classes (--pretrained: default openai)" in msg
     argv = cli("predict --adapter", tmp_path / "no.safetensors", "--images", image_folder)
     msg = error_of(capsys, argv + cli("--out", tmp_path / "p.csv"))
-    assert "not found" in msg
+    assert f"Adapter file {tmp_path / 'no.safetensors'} does not exist" in msg
     not_adapter = tmp_path / "x.safetensors"
     not_adapter.write_text("garbage")
     msg = error_of(capsys, cli("eval --adapter", not_adapter, "--data", image_folder))

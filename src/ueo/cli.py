@@ -373,7 +373,7 @@ def check_eval(args) -> None:
     if args.out is not None:
         check_output_dir(args.out)
     if args.adapter:
-        check_input_path(args.adapter, "Adapter")
+        check_input_path(args.adapter, "Adapter file")
     check_input_path(args.data)
     if args.classes:
         parse_classes(args.classes)
@@ -383,7 +383,7 @@ def check_predict(args) -> None:
     runtime_of(args)
     check_threshold(args.threshold)
     check_output_file(args.out)
-    check_input_path(args.adapter, "Adapter")
+    check_input_path(args.adapter, "Adapter file")
     check_input_path(args.data)
 
 

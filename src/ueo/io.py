@@ -130,7 +130,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except OSError as exc:  # e.g. a name too long for the file system
         raise UeoError(f"Adapter {path}: {exc.strerror}.") from None
     if not found:
-        raise UeoError(f"Adapter file {path} not found.")
+        raise UeoError(f"Adapter file {path} does not exist.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
