@@ -264,7 +264,8 @@ def _bench_epochs_help() -> str:
     """The truth about bench's default epochs: each paper dataset's recipe."""
     default = Recipe().epochs
     other = [f"{name} {info.epochs}" for name, info in DATASETS.items() if info.epochs != default]
-    return f"passes over the unlabeled set (default: the dataset's recipe, {default}; " + (
+    return (
+        f"passes over the unlabeled set (default: the dataset's recipe, {default}; "
         f"{', '.join(other)})"
     )
 
