@@ -10,7 +10,8 @@ import pytest
 from conftest import CLASSES, UNKNOWN, draw
 
 import ueo.bench.sweep
-from ueo.bench.jobs import bench, bench_recipe, parse_shard
+from ueo.bench.grid import parse_shard
+from ueo.bench.jobs import bench, bench_recipe
 from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, class_names
 from ueo.bench.suites import folder_suite
 from ueo.bench.sweep import (
