@@ -99,7 +99,7 @@ def predict_args(s, out=None):
 
 def bench_args(s, *extra):
     return [
-        "bench", "--data", s["data"], "--classes", s["all"], "--known", "2", "--model",
+        "bench", "--data", s["data"], "--all-classes", s["all"], "--known", "2", "--model",
         "ueo-tiny-rn", "--pretrained", "bundled", "--out", s["tmp"] / "bench", *extra,
     ]  # fmt: skip
 

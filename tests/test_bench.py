@@ -10,7 +10,8 @@ import pytest
 from conftest import CLASSES, UNKNOWN, draw
 
 import ueo.bench.sweep
-from ueo.bench.jobs import bench, bench_recipe, parse_shard
+from ueo.bench.grid import parse_shard
+from ueo.bench.jobs import bench, bench_recipe
 from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, class_names
 from ueo.bench.suites import folder_suite
 from ueo.bench.sweep import (
@@ -147,7 +148,7 @@ def test_bench_custom_folder(image_folder, tmp_path, capsys):
         "bench",
         "--data",
         str(image_folder),
-        "--classes",
+        "--all-classes",
         str(classes),
         "--known",
         "3",
@@ -177,7 +178,7 @@ def test_bench_custom_folder(image_folder, tmp_path, capsys):
     assert oda["adapted"]["unlabeled"]["n_ood"] == 12
     i = args.index("--known")
     assert main(args[:i] + ["--known-classes", "nope"] + args[i + 2 :]) == 2
-    assert "not in --classes" in capsys.readouterr().err
+    assert "not in --all-classes" in capsys.readouterr().err
 
 
 def test_bench_errors(officehome, tmp_path, capsys):

@@ -19,7 +19,7 @@ def test_bench_plots_learning_curves(image_folder, tmp_path, monkeypatch):
     classes = tmp_path / "all.txt"
     classes.write_text("red square\ngreen_circle\nblue stripes\nyellow cross\nblack noise\n")
     out = tmp_path / "bench"
-    args = ["bench", "--data", str(image_folder), "--classes", str(classes), "--known", "3"]
+    args = ["bench", "--data", str(image_folder), "--all-classes", str(classes), "--known", "3"]
     args += ["--model", "test-tiny-rn", "--pretrained", "none", "--epochs", "2"]
     args += ["--eval-every", "1", "--methods", "zeroshot,ueo", "--scenarios", "CDA,ODA"]
     args += ["--batch-size", "16", "--lr-prompt", "0.01", "--lr-norm", "0.01"]

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import batch_finish  # noqa: E402
 import epoch_speed  # noqa: E402
 import step_speed  # noqa: E402
+import upl_precision  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,3 +72,16 @@ def test_batch_finish_compares_equal_batches(capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and record["equal"] and record["images"] == 150
     assert record["per_image_s"] > 0 and record["per_batch_s"] > 0
+
+
+def test_upl_precision_counts_what_fp16_ranking_changes(capsys):
+    """UPL's selection rule emulated in fp64 keeps exactly ueo's images; ranking rounded to fp16
+    keeps others once many confidences round to 1.0, and only then."""
+    argv = ["--images", "600", "--classes", "6", "--boosts", "0.05,0.25", "--seeds", "2"]
+    assert upl_precision.main([*argv, "--json"]) == 0
+    low, high = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    for record in (low, high):
+        assert record["kept"] == [96, 96] and record["fp64"] == [0, 0]
+    assert low["near_one"] == [0, 0] and low["fp16_confidences"] == [0, 0]
+    assert min(high["near_one"]) > 6 * 16  # more images at "1.0" than a class keeps
+    assert min(high["fp16_confidences"]) > 0 and min(high["fp16_logits"]) > 0

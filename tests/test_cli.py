@@ -318,7 +318,9 @@ def test_missing_weights_offline(capsys, monkeypatch, tmp_path, image_folder, cl
     argv = cli("eval --zeroshot --model RN50 --pretrained openai --classes", classes_file)
     msg = error_of(capsys, argv + cli("--data", image_folder), only_line=True)
     assert "RN50" in msg and "'openai'" in msg
-    assert "--pretrained /path/to/" in msg  # where a local file goes
+    # Where a local file goes, with the architecture OpenAI's weights need (QuickGELU): the
+    # combination ueo itself does not warn about.
+    assert "--model RN50-quickgelu --pretrained /path/to/RN50-openai.safetensors" in msg
     assert not logging.root.handlers
 
 
@@ -386,9 +388,11 @@ def test_bad_options(capsys, tmp_path, image_folder, classes_file):
     assert "needs a CUDA GPU" in error_of(capsys, [*argv, "--device", "cpu"])
     msg = error_of(capsys, cli("eval --data", image_folder))
     assert "--adapter or --zeroshot" in msg
+    msg = error_of(capsys, cli("eval --zeroshot --model RN50 --data", image_folder))
+    assert "needs --model and --classes (--pretrained: default openai)" in msg
     argv = cli("predict --adapter", tmp_path / "no.safetensors", "--images", image_folder)
     msg = error_of(capsys, argv + cli("--out", tmp_path / "p.csv"))
-    assert "not found" in msg
+    assert f"Adapter file {tmp_path / 'no.safetensors'} does not exist" in msg
     not_adapter = tmp_path / "x.safetensors"
     not_adapter.write_text("garbage")
     msg = error_of(capsys, cli("eval --adapter", not_adapter, "--data", image_folder))
@@ -459,6 +463,84 @@ def test_models_command(capsys):
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
     assert {"test-tiny-rn", "test-tiny-vit", "RN50"} <= set(names)
+
+
+def test_models_tags_name_the_bundled_weights(capsys):
+    """`--pretrained bundled` works for the tiny models, so `--tags` lists it beside them."""
+    assert main(["models", "--tags"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = dict(line.split("  ", 1) for line in out if "  " in line)
+    assert lines["ueo-tiny-rn"] == lines["ueo-tiny-vit"] == "[bundled]"
+    assert "openai" in lines["RN50"] and "bundled" not in lines["RN50"]
+
+
+def test_offline_file_advice_names_the_quickgelu_architecture():
+    from ueo.clip import file_model_name
+
+    assert file_model_name("RN50", "openai") == "RN50-quickgelu"
+    assert file_model_name("ViT-B-16", "openai") == "ViT-B-16-quickgelu"
+    assert file_model_name("RN50-quickgelu", "openai") == "RN50-quickgelu"
+    assert file_model_name("ViT-B-16", "laion2b_s34b_b88k") == "ViT-B-16"  # GELU weights
+
+
+# --- one vocabulary (docs/cli.md): --data everywhere, the old spellings kept ---------------------
+
+
+def test_predict_reads_data_and_its_former_name_images(
+    tmp_path, image_folder, classes_file, capsys, calibrated_loads
+):
+    run = tmp_path / "run"
+    assert main(adapt_argv(image_folder, classes_file, run, "--epochs", "0")) == 0
+    for flag in ("--data", "--images"):
+        out = tmp_path / f"{flag[2:]}.csv"
+        assert main(cli("predict --adapter", run, flag, image_folder, "--out", out)) == 0
+    assert (tmp_path / "data.csv").read_text() == (tmp_path / "images.csv").read_text()
+    capsys.readouterr()
+    for command in ("adapt", "eval", "predict"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--data DATA, --images DATA" in capsys.readouterr().out
+
+
+def test_eval_help_tells_where_the_base_weights_come_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "with --zeroshot:" in text and "(default openai)" in text
+    assert "with --adapter:" in text and "(default: the adapter's)" in text
+
+
+def test_prepare_and_protocol_take_the_dataset_as_an_option(capsys):
+    assert main(["protocol", "officehome", "--scenario", "OPDA"]) == 0
+    positional = capsys.readouterr().out
+    assert main(["protocol", "--dataset", "OfficeHome", "--scenario", "OPDA"]) == 0
+    assert capsys.readouterr().out == positional and "50-59" in positional
+    assert main(["protocol", "office31", "--dataset", "office-31", "--scenario", "ODA"]) == 0
+    capsys.readouterr()
+    msg = error_of(capsys, ["protocol", "office31", "--dataset", "visda", "--scenario", "ODA"])
+    assert "Two datasets" in msg
+    assert "--dataset NAME" in error_of(capsys, ["protocol", "--scenario", "ODA"])
+
+
+def test_bench_all_classes_and_its_deprecated_name(tmp_path, image_folder, capsys):
+    every = tmp_path / "all.txt"
+    every.write_text("\n".join(CLASSES + UNKNOWN) + "\n")
+    common = ["bench", "--data", image_folder, "--known", "2", "--model", "test-tiny-rn"]
+    common += ["--pretrained", "none", "--methods", "zeroshot", "--dry-run", "--quiet"]
+    argv = [str(a) for a in common + ["--out", tmp_path / "b"]]
+    assert main(argv + ["--all-classes", str(every)]) == 0
+    new = capsys.readouterr()
+    assert "warning" not in new.err and "0/4 cells complete" in new.out
+    assert main(argv + ["--classes", str(every)]) == 0
+    old = capsys.readouterr()
+    assert old.out == new.out
+    warnings = [line for line in old.err.splitlines() if "warning" in line]
+    assert warnings == [
+        "ueo: warning: bench --classes is deprecated: it names all classes in label order, "
+        "now --all-classes."
+    ]
+    msg = error_of(capsys, argv + ["--classes", str(every), "--all-classes", str(every)])
+    assert "former name of --all-classes" in msg
 
 
 def test_inference_matches_direct_forward(image_folder):

@@ -272,8 +272,9 @@ def draw_bench(rng: random.Random, f) -> Case:
     case.give("--data", [(f / "images", "ok"), (f / "nowhere", "data")], 0.97)
     if "--data=" not in " ".join(case.argv):
         case.mark("bad")  # neither --data nor --dataset
-    case.give("--classes", [(f / "all.txt", "ok"), ("nofile.txt", "bad"), ("a,a", "bad")], 0.97)
-    if "--classes=" not in " ".join(case.argv):
+    all_classes = [(f / "all.txt", "ok"), ("nofile.txt", "bad"), ("a,a", "bad")]
+    case.give("--all-classes", all_classes, 0.97)
+    if "--all-classes=" not in " ".join(case.argv):
         case.mark("bad")
     known = rng.choice(["known", "known", "names", "both", "neither"])
     if known in ("known", "both"):

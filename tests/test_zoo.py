@@ -138,6 +138,15 @@ def test_pretrain_tool_measures_the_shipped_weights_as_recorded():
     assert measured == pytest.approx(recorded, abs=1e-6)
 
 
+def test_pretrain_tool_leaves_the_shipped_weights_alone_by_default():
+    """Rebuilt weights differ by machine: only an explicit --out replaces the shipped ones."""
+    tool = _pretrain_tool()
+    out = tool.build_parser().parse_args(["--model", "ueo-tiny-rn"]).out
+    shipped = zoo.bundled_checkpoint("ueo-tiny-rn").parent.resolve()
+    assert out.resolve() != shipped and shipped not in out.resolve().parents
+    assert not out.is_absolute()  # under the folder it is run from
+
+
 def test_pretrain_tool_runs(tmp_path, monkeypatch, capsys):
     """A two-step pretraining on a slice of the source domain writes a checkpoint that loads,
     and a recipe file that describes it."""

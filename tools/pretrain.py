@@ -2,9 +2,10 @@
 
 `python tools/pretrain.py --model ueo-tiny-rn` trains from scratch on the clean source
 train split (all 15 classes, known and unknown, as CLIP has seen every object) and writes,
-into src/ueo/demo/assets, `<model>.safetensors` plus `<model>.json` (settings, versions,
-sha256, training time and the zero-shot accuracy of the saved weights on the source test
-split).
+into `--out` (default runs/pretrain), `<model>.safetensors` plus `<model>.json` (settings,
+versions, sha256, training time and the zero-shot accuracy of the saved weights on the source
+test split). The shipped weights in src/ueo/demo/assets are replaced only when `--out` names
+that folder: a rerun on another machine gives other bytes (docs/demo.md).
 
 Objective: symmetric InfoNCE between images and class-level captions. Each step draws one
 caption per class from TEMPLATES ("a photo of a {}.", "a picture of a {}.", ...), so the
@@ -45,7 +46,7 @@ from ueo.io import write_json
 from ueo.names import spoken_name
 from ueo.objectives import LOGIT_SCALE
 
-ASSETS = Path(__file__).resolve().parents[1] / "src" / "ueo" / "demo" / "assets"
+DEFAULT_OUT = Path("runs/pretrain")  # not the package's assets: shipped weights stay as shipped
 TEMPLATES = (
     "a photo of a {}.",
     "a picture of a {}.",
@@ -208,13 +209,18 @@ def source_zero_shot(model: torch.nn.Module, model_name: str) -> dict[str, float
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Pretrain one bundled model and write its checkpoint and recipe file."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python tools/pretrain.py", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", required=True, choices=BUNDLED)
-    parser.add_argument("--out", type=Path, default=ASSETS)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder for <model>.safetensors and .json (default {DEFAULT_OUT}; "
+        "src/ueo/demo/assets replaces the shipped weights)",
+    )
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--epochs", type=int, help="default: per model, see DEFAULTS")
     parser.add_argument("--lr", type=float, help="peak AdamW learning rate; default per model")
@@ -223,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--log-every", type=int, default=50, help="steps between loss lines")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Pretrain one bundled model and write its checkpoint and recipe file."""
+    args = build_parser().parse_args(argv)
     try:
         _run(args)
     except UeoError as exc:

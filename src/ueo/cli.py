@@ -1,23 +1,31 @@
 """The `ueo` command: parses arguments, calls one Python function per command, prints.
 
-Building the parser imports no torch, open_clip, scikit-learn or matplotlib, so that
-`ueo --help` answers at once: each command imports what it runs when it runs. The command
-line sits above the three layers (ueo, ueo.bench, ueo.demo) and may use all of them.
+Each command has three parts: `_add_<name>_command` builds its parser, `check_<name>` checks
+every option that can be checked without a heavy library (numbers, choices, option
+combinations, class lists, input and output paths), and `cmd_<name>` runs it. Building the
+parser and the checks import no torch, open_clip, scikit-learn or matplotlib, so that
+`ueo --help` and a mistyped option are answered at once: each command imports what it runs
+when it runs. The command line sits above the three layers (ueo, ueo.bench, ueo.demo) and may
+use all of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from ueo import __version__
-from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, SCENARIOS
+from ueo.bench.grid import check_grid, check_known, check_source, parse_shard
+from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, SCENARIOS, dataset_info
+from ueo.checks import check_input_path, check_output_dir, check_output_file, check_threshold
 from ueo.demo import BUNDLED_MODELS
 from ueo.errors import UeoError
 from ueo.methods import get_method, method_names
+from ueo.names import parse_classes
 from ueo.recipe import (
     AUGMENTATIONS,
     BAD_IMAGE_POLICIES,
@@ -58,13 +66,17 @@ RECIPE_OPTIONS: dict[str, tuple] = {
     ),
 }
 BENCH_GRID_FIELDS = ("method", "seed")  # bench takes lists of these: --methods, --seeds
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def _add_recipe_args(
+    p: argparse.ArgumentParser, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None
+) -> None:
+    """The recipe's options; `helps` replaces the help of some (a default that differs)."""
     defaults = Recipe()
     group = p.add_argument_group("recipe (what determines the numbers)")
     for name, (kind, text, choices) in RECIPE_OPTIONS.items():
@@ -79,7 +91,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
             type=kind,
             choices=choices,
             default=argparse.SUPPRESS,
-            help=f"{text} (default {default!r})" if default is not None else text,
+            help=(helps or {}).get(name)
+            or (f"{text} (default {default!r})" if default is not None else text),
         )
 
 
@@ -112,7 +125,15 @@ def _add_runtime_args(p: argparse.ArgumentParser, training: bool = False) -> Non
         )
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+PRETRAINED_HELP = (
+    "open_clip tag (openai, laion2b_s34b_b79k, ...), a local checkpoint file, "
+    "'bundled' (ueo's tiny models) or 'none' (random weights, tests only)"
+)
+
+
+def _add_model_args(
+    p: argparse.ArgumentParser, required: bool = True, pretrained_help: str | None = None
+) -> None:
     p.add_argument(
         "--model",
         required=required,
@@ -121,20 +142,34 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--pretrained",
         default=None,
-        help="open_clip tag (openai, laion2b_s34b_b79k, ...), a local checkpoint file, "
-        "'bundled' (ueo's tiny models) or 'none' (random weights, tests only). Default: openai",
+        help=pretrained_help or f"{PRETRAINED_HELP}. Default: openai",
     )
 
 
-def _add_data_args(p: argparse.ArgumentParser, flag: str = "--data") -> None:
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """`--data`, the image set of every command; `--images` is predict's former name."""
     p.add_argument(
-        flag,
+        "--data",
+        "--images",
         required=True,
         dest="data",
+        metavar="DATA",
         help="image folder (root/<class>/<img>), image-list file, folder of loose images "
-        "or one image file",
+        "or one image file (--images: the same option, its former name in predict)",
     )
     p.add_argument("--data-root", default=None, help="root for relative paths of an image list")
+
+
+def _add_dataset_arg(p: argparse.ArgumentParser) -> None:
+    """A paper benchmark, named as an option (`--dataset`, as `ueo bench` does) or positionally."""
+    p.add_argument("dataset", nargs="?", default=None, help=", ".join(DATASETS))
+    p.add_argument(
+        "--dataset",
+        dest="dataset_option",
+        metavar="NAME",
+        default=None,
+        help="the same as the positional DATASET",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ueo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_adapt_command(sub)
+    _add_eval_command(sub)
+    _add_predict_command(sub)
+    _add_models_command(sub)
+    _add_prepare_command(sub)
+    _add_protocol_command(sub)
+    _add_bench_command(sub)
+    _add_demo_command(sub)
+    return parser
 
+
+def _add_adapt_command(sub) -> None:
     p = sub.add_parser("adapt", help="adapt a model on unlabeled images")
     _add_model_args(p)
     _add_data_args(p)
@@ -162,19 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     _add_runtime_args(p, training=True)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an adapted or zero-shot model on labelled images")
     p.add_argument("--adapter", default=None, help="adapter.safetensors (or its run directory)")
     p.add_argument("--zeroshot", action="store_true", help="evaluate the zero-shot model instead")
-    _add_model_args(p, required=False)
-    p.add_argument("--classes", default=None, help="class names (with --zeroshot)")
+    _add_model_args(
+        p,
+        required=False,
+        pretrained_help=f"with --zeroshot: {PRETRAINED_HELP} (default openai); with --adapter: "
+        "other base weights than those the adapter names (default: the adapter's)",
+    )
+    p.add_argument("--classes", default=None, help="known class names (with --zeroshot)")
     _add_data_args(p)
     p.add_argument("--out", default=None, help="directory for metrics.json")
     _add_runtime_args(p)
 
+
+def _add_predict_command(sub) -> None:
     p = sub.add_parser("predict", help="label images with an adapted model")
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or its run directory)")
     p.add_argument("--pretrained", default=None, help="override the base weights in the adapter")
-    _add_data_args(p, "--images")
+    _add_data_args(p)
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument(
         "--threshold",
@@ -184,31 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_runtime_args(p)
 
+
+def _add_models_command(sub) -> None:
     p = sub.add_parser("models", help="list model architectures and pretrained tags")
     p.add_argument("--tags", action="store_true", help="also list pretrained tags")
 
+
+def _add_prepare_command(sub) -> None:
     p = sub.add_parser("prepare", help="write image-list files for a benchmark dataset")
-    p.add_argument("dataset", help=", ".join(DATASETS))
+    _add_dataset_arg(p)
     p.add_argument("--root", required=True, help="dataset folder as downloaded")
     p.add_argument("--out", required=True, help="folder for the list files")
     p.add_argument("--domains", default=None, help="comma list (default: all domains)")
 
+
+def _add_protocol_command(sub) -> None:
     p = sub.add_parser("protocol", help="class-index sets of a benchmark scenario")
-    p.add_argument("dataset", help=", ".join(DATASETS))
+    _add_dataset_arg(p)
     p.add_argument("--scenario", required=True, type=str.upper, choices=SCENARIOS)
     p.add_argument("--json", action="store_true", help="print JSON (default: readable text)")
 
-    _add_bench_command(sub)
 
-    p = sub.add_parser(
-        "demo", help="offline demo: a bundled tiny CLIP on the universal-shift testbed"
+def _bench_epochs_help() -> str:
+    """The truth about bench's default epochs: each paper dataset's recipe."""
+    default = Recipe().epochs
+    other = [f"{name} {info.epochs}" for name, info in DATASETS.items() if info.epochs != default]
+    return (
+        f"passes over the unlabeled set (default: the dataset's recipe, {default}; "
+        f"{', '.join(other)})"
     )
-    p.add_argument("--out", default="runs/demo", help="default runs/demo")
-    p.add_argument("--quick", action="store_true", help="one domain, fewer epochs")
-    p.add_argument("--model", default=BUNDLED_MODELS[0], choices=BUNDLED_MODELS)
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
 
 
 def _add_bench_command(sub) -> None:
@@ -219,7 +278,8 @@ def _add_bench_command(sub) -> None:
     src.add_argument("--root", default=None, help="dataset folder as downloaded")
     src.add_argument("--lists", default=None, help="list files of `ueo prepare` (default: made)")
     src.add_argument("--data", default=None, help="labelled folder root/<class>/<img>")
-    src.add_argument("--classes", default=None, help="all class names of --data, label order")
+    src.add_argument("--all-classes", default=None, help="all class names of --data, label order")
+    src.add_argument("--classes", dest="old_classes", default=None, help=argparse.SUPPRESS)
     src.add_argument("--known", type=int, default=None, help="the first N classes are known")
     src.add_argument("--known-classes", default=None, help="comma list of the known classes")
     p.add_argument("--domains", default=None, help="comma list (default: all with data)")
@@ -231,8 +291,19 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from K (one per GPU)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and what exists")
-    _add_recipe_args(p, skip=BENCH_GRID_FIELDS)
+    _add_recipe_args(p, skip=BENCH_GRID_FIELDS, helps={"epochs": _bench_epochs_help()})
     _add_runtime_args(p, training=True)
+
+
+def _add_demo_command(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="offline demo: a bundled tiny CLIP on the universal-shift testbed"
+    )
+    p.add_argument("--out", default="runs/demo", help="default runs/demo")
+    p.add_argument("--quick", action="store_true", help="one domain, fewer epochs")
+    p.add_argument("--model", default=BUNDLED_MODELS[0], choices=BUNDLED_MODELS)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def recipe_settings(args: argparse.Namespace) -> dict:
@@ -268,7 +339,133 @@ def _setup_logging(quiet: bool, epochs: bool = True) -> None:
     log.propagate = False
 
 
+def _use_available_cpus() -> None:
+    """Import torch, with no more intra-op threads than the CPUs this process may use."""
+    from ueo.runtime import use_available_cpus
+
+    use_available_cpus()
+
+
+# --- checks: everything that can be checked before torch is imported -------------------------
+
+
+def check_adapt(args) -> None:
+    Recipe(**recipe_settings(args)).validate()
+    runtime_of(args)
+    if args.resume and args.overwrite:
+        raise UeoError("Give --resume or --overwrite, not both.")
+    check_output_dir(args.out)
+    check_input_path(args.data)
+    if args.test_data:
+        check_input_path(args.test_data)
+    parse_classes(args.classes)
+
+
+def check_eval(args) -> None:
+    if bool(args.adapter) == bool(args.zeroshot):
+        raise UeoError("Give either --adapter or --zeroshot (with --model and --classes).")
+    if args.adapter and (args.model or args.classes):
+        raise UeoError("--model and --classes go with --zeroshot; an adapter names its own.")
+    if args.zeroshot and not (args.model and args.classes):
+        raise UeoError(
+            "A zero-shot evaluation needs --model and --classes (--pretrained: default openai)."
+        )
+    runtime_of(args)
+    if args.out is not None:
+        check_output_dir(args.out)
+    if args.adapter:
+        check_input_path(args.adapter, "Adapter file")
+    check_input_path(args.data)
+    if args.classes:
+        parse_classes(args.classes)
+
+
+def check_predict(args) -> None:
+    runtime_of(args)
+    check_threshold(args.threshold)
+    check_output_file(args.out)
+    check_input_path(args.adapter, "Adapter file")
+    check_input_path(args.data)
+
+
+def _dataset(args) -> str:
+    """The dataset of `prepare` / `protocol`, given positionally or as --dataset (not both
+    different); its name is checked."""
+    given = [d for d in (args.dataset, args.dataset_option) if d]
+    if not given:
+        raise UeoError(f"Name the dataset (--dataset NAME): one of {', '.join(DATASETS)}.")
+    if len(given) == 2 and dataset_info(given[0]) != dataset_info(given[1]):
+        raise UeoError(f"Two datasets given ({given[0]} and {given[1]}): give one.")
+    return dataset_info(given[0]).name
+
+
+def check_prepare(args) -> None:
+    args.dataset = _dataset(args)
+    check_output_dir(args.out)
+    check_input_path(args.root, "Dataset root")
+
+
+def check_protocol(args) -> None:
+    args.dataset = _dataset(args)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _split(text) or []]
+    except ValueError:
+        raise UeoError(f"--seeds must be integers, not {text!r}.") from None
+
+
+def check_bench(args) -> None:
+    if args.old_classes:
+        if args.all_classes:
+            raise UeoError("--classes is the former name of --all-classes: give only one.")
+        print(
+            "ueo: warning: bench --classes is deprecated: it names all classes in label order, "
+            "now --all-classes.",
+            file=sys.stderr,
+        )
+        args.all_classes, args.old_classes = args.old_classes, None
+    known_classes = _split(args.known_classes)
+    check_source(
+        dataset=args.dataset,
+        root=args.root,
+        lists=args.lists,
+        data=args.data,
+        all_classes=args.all_classes,
+        known=args.known,
+        known_classes=known_classes,
+    )
+    check_grid(
+        methods=_split(args.methods) or [],
+        scenarios=[s.upper() for s in _split(args.scenarios) or []],
+        seeds=_seeds(args.seeds),
+        domains=_split(args.domains),
+        shard=parse_shard(args.shard),
+    )
+    epochs = dataset_info(args.dataset).epochs if args.dataset else Recipe().epochs
+    Recipe(epochs=epochs).replace(**recipe_settings(args)).validate()
+    runtime_of(args)
+    check_output_dir(args.out)
+    if args.data:
+        check_input_path(args.data)
+        check_known(parse_classes(args.all_classes), args.known, known_classes)
+    else:
+        check_input_path(args.root, "Dataset root")
+        if args.lists:
+            check_input_path(args.lists, "--lists")
+
+
+def check_demo(args) -> None:
+    Runtime(device=args.device, workers=0, progress=not args.quiet).validate()
+    check_output_dir(args.out)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
 def cmd_adapt(args) -> int:
+    _use_available_cpus()
     from ueo.jobs import adapt_job
     from ueo.reports import metrics_table
 
@@ -293,13 +490,10 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    _use_available_cpus()
     from ueo.jobs import eval_job
     from ueo.reports import metrics_table
 
-    if bool(args.adapter) == bool(args.zeroshot):
-        raise UeoError(
-            "Give either --adapter or --zeroshot (with --model, --pretrained, --classes)."
-        )
     runtime = runtime_of(args)
     record = eval_job(
         args.data,
@@ -317,6 +511,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    _use_available_cpus()
     from ueo.jobs import predict_job
 
     runtime = runtime_of(args)
@@ -349,7 +544,7 @@ def cmd_models(args) -> int:
 def cmd_prepare(args) -> int:
     from ueo.bench.prepare import prepare_lists
 
-    written = prepare_lists(args.dataset, args.root, args.out, _split(args.domains))
+    written = prepare_lists(_dataset(args), args.root, args.out, _split(args.domains))
     for name, path in written.items():
         n = sum(1 for _ in open(path, encoding="utf-8"))
         print(f"{name}: {n} images -> {path}")
@@ -359,10 +554,11 @@ def cmd_prepare(args) -> int:
 def cmd_protocol(args) -> int:
     from ueo.bench.protocol import protocol_json, scenario_split
 
+    dataset = _dataset(args)
     if args.json:
-        print(protocol_json(args.dataset, args.scenario))
+        print(protocol_json(dataset, args.scenario))
     else:
-        split = scenario_split(args.dataset, args.scenario)
+        split = scenario_split(dataset, args.scenario)
         for key, values in split.items():
             print(f"{key:>9}: {_ranges(values)}  ({len(values)} classes)")
     return 0
@@ -381,14 +577,10 @@ def _ranges(values: list[int]) -> str:
 
 
 def cmd_bench(args) -> int:
-    from ueo.bench.jobs import bench, bench_recipe, bench_suite, canonical_domains, parse_shard
+    _use_available_cpus()
+    from ueo.bench.jobs import bench, bench_recipe, bench_suite, canonical_domains
     from ueo.bench.sweep import Sweep, status
 
-    shard = parse_shard(args.shard)
-    try:
-        seeds = [int(s) for s in _split(args.seeds) or []]
-    except ValueError:
-        raise UeoError(f"--seeds must be integers, not {args.seeds!r}.") from None
     recipe = bench_recipe(args.dataset, **recipe_settings(args))
     sweep = Sweep(
         model=args.model,
@@ -397,9 +589,9 @@ def cmd_bench(args) -> int:
         runtime=runtime_of(args),
         scenarios=[s.upper() for s in _split(args.scenarios) or []],
         methods=_split(args.methods) or [],
-        seeds=seeds,
+        seeds=_seeds(args.seeds),
         domains=_split(args.domains),
-        shard=shard,
+        shard=parse_shard(args.shard),
     ).validate()
     _setup_logging(args.quiet, epochs=False)
     suite = bench_suite(
@@ -408,7 +600,7 @@ def cmd_bench(args) -> int:
         root=args.root,
         lists=args.lists,
         data=args.data,
-        classes=args.classes,
+        all_classes=args.all_classes,
         known=args.known,
         known_classes=_split(args.known_classes),
         domains=_split(args.domains),
@@ -428,10 +620,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    if args.device == "cpu":  # the part processes import ueo while this one does
+    if args.device == "cpu":
+        # The parts' fork server starts before this process imports torch, so that its
+        # imports run while this process makes its own (ueo.demo.processes).
         from ueo.demo.processes import start_part_server
 
         start_part_server()
+    _use_available_cpus()
     from ueo.demo.runner import run_demo, table
 
     runtime = Runtime(device=args.device, workers=0, progress=not args.quiet).validate()
@@ -456,23 +651,61 @@ COMMANDS = {
     "bench": cmd_bench,
     "demo": cmd_demo,
 }
+CHECKS = {  # run before anything heavy is imported; a command without one has nothing to check
+    "adapt": check_adapt,
+    "eval": check_eval,
+    "predict": check_predict,
+    "prepare": check_prepare,
+    "protocol": check_protocol,
+    "bench": check_bench,
+    "demo": check_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2; no tracebacks for them."""
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command not in ("prepare", "protocol"):
-            from ueo.runtime import use_available_cpus
+    """Entry point: user errors print one line and exit 2; no tracebacks for them.
 
-            use_available_cpus()
-        return COMMANDS[args.command](args)
+    A command's options are checked (CHECKS) before it imports torch. A closed output
+    (`ueo models | head -0`) ends the command with one line and exit code 141.
+    """
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:  # --help, --version or a usage error, printed: flushed here too
+            sys.stdout.flush()
+            raise
+        check = CHECKS.get(args.command)
+        if check is not None:
+            check(args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed output is found here, not at the interpreter's exit
+        return code
     except UeoError as exc:
         print(f"ueo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"ueo: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """The reader of stdout went away: say so on stderr and point stdout at /dev/null, so
+    that Python's last flush of the unwritten output at exit does not fail a second time."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a Python caller's stream: no descriptor
+        fd = None
+    if fd is not None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    try:
+        print("ueo: stopped: the output was closed (broken pipe)", file=sys.stderr)
+    except OSError:
+        pass
+    return BROKEN_PIPE_EXIT
 
 
 if __name__ == "__main__":

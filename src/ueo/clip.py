@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
@@ -33,19 +34,23 @@ RANDOM_WEIGHTS = "none"
 PLUGIN_GROUP = "ueo.models"
 WEIGHT_SOURCES: dict[str, Callable[[str], torch.nn.Module]] = {}
 WEIGHT_IDENTITIES: dict[str, Callable[[str], str]] = {}
+WEIGHT_MODELS: dict[str, tuple[str, ...]] = {}
 
 
 def register_weights(
     tag: str,
     loader: Callable[[str], torch.nn.Module],
     identity: Callable[[str], str] | None = None,
+    models: Iterable[str] = (),
 ) -> None:
     """Make `--pretrained tag` call `loader(model_name)`, which returns the network.
 
     `identity(model_name)` names the exact weights (a sha256, say): run fingerprints use it
-    to tell a result made with other weights under the same tag.
+    to tell a result made with other weights under the same tag. `models` are the
+    architectures the source has weights for: `ueo models --tags` lists the tag beside them.
     """
     WEIGHT_SOURCES[tag] = loader
+    WEIGHT_MODELS[tag] = tuple(models)
     if identity is not None:
         WEIGHT_IDENTITIES[tag] = identity
 
@@ -102,12 +107,15 @@ def train_transform(size: int, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
 
 
 def list_models(tags: bool = False) -> list[tuple[str, list[str]]]:
-    """Every architecture open_clip knows (registered plugins included), with its weight tags."""
+    """Every architecture open_clip knows (registered plugins included), with its weight tags:
+    open_clip's published ones and those of registered weight sources (`bundled`)."""
     load_plugins()
-    return [
-        (name, open_clip.list_pretrained_tags_by_model(name) if tags else [])
-        for name in open_clip.list_models()
-    ]
+
+    def tags_of(name: str) -> list[str]:
+        plugins = [tag for tag, models in WEIGHT_MODELS.items() if name in models]
+        return open_clip.list_pretrained_tags_by_model(name) + plugins
+
+    return [(name, tags_of(name) if tags else []) for name in open_clip.list_models()]
 
 
 def canonical_model_name(name: str) -> str:
@@ -169,7 +177,16 @@ def _create_from_file(name: str, path: str) -> torch.nn.Module:
             name,
         )
     try:
-        return open_clip.create_model(name, pretrained=path)
+        with warnings.catch_warnings():  # PyTorch's notes on the pickle protocol of a .pt file
+            warnings.filterwarnings("ignore", module=r"torch\._weights_only_unpickler")
+            return open_clip.create_model(name, pretrained=path)
+    except pickle.UnpicklingError:
+        # PyTorch's own message suggests weights_only=False, which would run the file's code.
+        raise UeoError(
+            f"Checkpoint file {path} is not plain tensors: it holds other pickled Python "
+            "objects, or is damaged. ueo never unpickles a file (that can run code); give an "
+            "open_clip state dict as .safetensors, or a .pt/.bin of plain tensors."
+        ) from None
     except Exception as exc:  # open_clip raises many types for a bad file
         raise UeoError(
             f"Could not load checkpoint file {path} into model {name}: {_first_line(exc)}. The "
@@ -213,9 +230,18 @@ def _create_from_tag(name: str, tag: str) -> torch.nn.Module:
             f"Could not obtain weights for model {name}, tag '{tag}': {_first_line(exc)}. "
             "They are downloaded from the Hugging Face hub on first use and cached under "
             "~/.cache/huggingface. Offline, download them on a connected machine and pass the "
-            f"file instead: --pretrained /path/to/{name}-{tag}.safetensors (or copy the hub "
-            "cache folder)."
+            f"file instead: --model {file_model_name(name, tag)} "
+            f"--pretrained /path/to/{name}-{tag}.safetensors (or copy the hub cache folder)."
         ) from exc
+
+
+def file_model_name(name: str, tag: str) -> str:
+    """The architecture to give with a file of `tag`'s weights: a file carries no activation,
+    so weights trained with QuickGELU (OpenAI's) need the `-quickgelu` architecture."""
+    quick = open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False)
+    if quick and "quickgelu" not in name and f"{name}-quickgelu" in open_clip.list_models():
+        return f"{name}-quickgelu"
+    return name
 
 
 def _create_cached_or_download(name: str, tag: str) -> torch.nn.Module:

@@ -7,7 +7,6 @@ and the oracle variant only.
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import re
@@ -23,93 +22,12 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from ueo.cache import ImageCache, split_transform
 from ueo.errors import UeoError
 from ueo.images import open_rgb as open_rgb  # re-exported: the reading rules live in ueo.images
-from ueo.names import OOD, UNLABELED, normalize_name
+from ueo.names import OOD, UNLABELED, normalize_name, read_lines
+from ueo.names import parse_classes as parse_classes  # re-exported: it lives in ueo.names
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
-    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
-    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
-    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
-    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
-    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
-)
-
-
-def parse_classes(spec: str) -> list[str]:
-    """Class names from a text file (one per line) or a comma-separated list.
-
-    A file is read by `read_lines`; blank lines and spaces around names are ignored. A value
-    that looks like a path (a folder separator, a file suffix, a leading `.` or `~`) must name
-    a file; anything else is a comma list, a single word being a one-class list. Names that
-    `normalize_name` makes equal are an error: they would match the same folders.
-    """
-    if not spec.strip():
-        raise UeoError("No class names given (an empty --classes).")
-    path = Path(os.path.expanduser(spec))  # unlike Path.expanduser, never raises
-    try:
-        is_dir, is_file = path.is_dir(), path.is_file()
-    except OSError:  # a long comma list is no valid file name (ENAMETOOLONG)
-        is_dir = is_file = False
-    if is_dir:
-        raise UeoError(
-            f"--classes {spec} is a folder: give a class file or a comma-separated list."
-        )
-    if is_file:
-        lines = read_lines(path, "Class file")
-        named = [(line.strip(), f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()]
-    elif _looks_like_path(spec):
-        raise UeoError(f"Class file {spec} not found (give a file or a comma-separated list).")
-    else:
-        named = [(n.strip(), f"item {i} of --classes") for i, n in enumerate(spec.split(","), 1)]
-        for name, loc in named:
-            if not name:
-                raise UeoError(f"Empty class name at {loc}.")
-    if not named:
-        raise UeoError(f"No class names in {spec}.")
-    seen: dict[str, tuple[str, str]] = {}
-    for name, loc in named:
-        key = normalize_name(name)
-        if key in seen:
-            first, first_loc = seen[key]
-            raise UeoError(
-                f"Duplicated class name '{name}' at {loc} (same as '{first}' at {first_loc})."
-            )
-        seen[key] = name, loc
-    return [name for name, _ in named]
-
-
-def _looks_like_path(spec: str) -> bool:
-    """Whether a --classes value that names no file was meant as one (see parse_classes)."""
-    spec = spec.strip()
-    return (
-        spec.startswith((".", "~"))
-        or "/" in spec
-        or os.sep in spec
-        or re.fullmatch(r"\.[^\s.,]+", Path(spec).suffix) is not None
-    )
-
-
-def read_lines(path: Path, what: str) -> list[str]:
-    """The lines of a user's text file, with any line ending (LF, CRLF or CR).
-
-    UTF-8, with or without a BOM; UTF-16 and UTF-32 are recognised by their BOM (Windows tools
-    write them). Anything else is an error that names the file, not a decoding traceback.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UeoError(f"Cannot read {what.lower()} {path}: {exc.strerror}.") from None
-    codec, name = next(((c, n) for bom, c, n in BOMS if data.startswith(bom)), ("utf-8", "UTF-8"))
-    try:
-        text = data.decode(codec)
-    except UnicodeDecodeError as exc:
-        raise UeoError(
-            f"{what} {path} is not {name} text (invalid byte at offset {exc.start}): "
-            "save it as UTF-8."
-        ) from None
-    return re.split(r"\r\n|\r|\n", text)
 
 
 def is_image(path: Path) -> bool:

@@ -20,6 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# The output-path checks live in the torch-free ueo.checks (the command line runs them before
+# it imports torch); re-exported here, where writing files is.
+from ueo.checks import check_output_dir as check_output_dir
+from ueo.checks import check_output_file as check_output_file
 from ueo.errors import UeoError
 from ueo.recipe import Recipe
 
@@ -29,70 +33,26 @@ ADAPTER_FILE = "adapter.safetensors"
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; on success it replaces `path` in one step
-    (with the usual file mode), on failure it is removed: readers never see half a file."""
+    (with the usual file mode), on failure it is removed: readers never see half a file.
+
+    A place that cannot be written (a folder under a file, a read-only or full disk) is a
+    one-line UeoError naming `path`, not a traceback."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UeoError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UeoError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Fail early, in one line, unless `path` is (or can be made) a writable directory.
-
-    Called before any model or data is loaded, so that a mistyped output path costs nothing.
-    Writability is tested by creating and removing a temporary file in the directory, or in
-    its nearest existing ancestor when it does not exist yet (nothing is left behind).
-    """
-    path = Path(path)
-    try:
-        if path.exists() and not path.is_dir():
-            raise UeoError(f"{what} {path} is a file, not a directory.")
-        _check_writable(_existing_folder(path, path, what), path, what)
-    except OSError as exc:  # e.g. a name too long for the file system
-        raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
-    return path
-
-
-def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Fail early, in one line, unless `path` can be written as a regular file (replaced
-    atomically if it exists): not a directory, a device or a pipe, in a writable place."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise UeoError(f"{what} {path} is a directory; give a file name.")
-        if path.exists() and not path.is_file():
-            raise UeoError(f"{what} {path} exists and is not a regular file.")
-        _check_writable(_existing_folder(path.parent, path, what), path, what)
-    except OSError as exc:
-        raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
-    return path
-
-
-def _existing_folder(start: Path, path: Path, what: str) -> Path:
-    """`start` if it is a directory, else its nearest existing ancestor, which must be one."""
-    for folder in (start, *start.absolute().parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise UeoError(f"{what} {path}: {folder} is a file, not a directory.")
-            return folder
-    raise UeoError(f"{what} {path}: no existing parent directory.")
-
-
-def _check_writable(folder: Path, path: Path, what: str) -> None:
-    """Create and remove a temporary file in `folder`: the one sure test of writability."""
-    try:
-        fd, name = tempfile.mkstemp(prefix=".ueo-write-test.", dir=folder)
-    except OSError as exc:
-        raise UeoError(f"{what} {path} is not writable ({folder}: {exc.strerror}).") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 def _umask() -> int:
@@ -170,7 +130,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except OSError as exc:  # e.g. a name too long for the file system
         raise UeoError(f"Adapter {path}: {exc.strerror}.") from None
     if not found:
-        raise UeoError(f"Adapter file {path} not found.")
+        raise UeoError(f"Adapter file {path} does not exist.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

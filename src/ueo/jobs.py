@@ -18,6 +18,7 @@ from pathlib import Path
 from ueo import __version__
 from ueo.api import adapt, evaluate, load_adapted, load_model, predict, save_run
 from ueo.checkpoint import CHECKPOINT_FILE
+from ueo.checks import check_threshold
 from ueo.clip import check_model
 from ueo.data import ImageSet, load_image_set, parse_classes
 from ueo.errors import UeoError
@@ -195,7 +196,9 @@ def eval_job(
         }
     else:
         if not (model and classes):
-            raise UeoError("A zero-shot evaluation needs --model, --pretrained and --classes.")
+            raise UeoError(
+                "A zero-shot evaluation needs --model and --classes (--pretrained: default openai)."
+            )
         pretrained = pretrained or "openai"
         check_model(model, pretrained)
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
@@ -246,16 +249,6 @@ def predict_job(
         "threshold": threshold,
         "out": str(out),
     }
-
-
-def check_threshold(threshold: float | None) -> None:
-    """An MCM threshold is a softmax probability: a number in [0, 1] (None: the adapter's)."""
-    if threshold is None:
-        return
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise UeoError(f"--threshold must be a number in [0, 1], not {threshold!r}.")
-    if not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
-        raise UeoError(f"--threshold must be in [0, 1] (an MCM score), not {threshold}.")
 
 
 def adapter_metadata(adapter: str | os.PathLike, runtime: Runtime, pretrained: str | None) -> dict:

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ueo.bench.protocol import DatasetInfo, class_names, dataset_info, domain_name
+from ueo.checks import check_output_dir
 from ueo.data import IMAGE_EXTENSIONS
 from ueo.errors import UeoError
 from ueo.io import write_text
@@ -114,7 +115,7 @@ def prepare_lists(
     Returns the list name (the file stem) -> path of each written list.
     """
     info = dataset_info(dataset)
-    root, out = Path(root), Path(out)
+    root, out = Path(root), check_output_dir(out)
     if not root.is_dir():
         raise UeoError(f"dataset root {root} does not exist or is not a folder")
     chosen = info.domains if domains is None else [domain_name(info.name, d) for d in domains]

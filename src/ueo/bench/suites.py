@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ueo.bench.grid import check_known
 from ueo.bench.protocol import (
     PAPER_SCENARIOS,
     class_names,
@@ -48,22 +49,20 @@ def folder_suite(
     Known classes come first: the first `known` names, or the names in `known_classes`
     followed by the remaining ones. Scenarios follow `custom_scenario_split`.
     """
+    check_known(class_names, known, known_classes)
     if known_classes:
         wanted = {normalize_name(n) for n in known_classes}
-        missing = wanted - {normalize_name(n) for n in class_names}
-        if missing:
-            raise UeoError(f"--known-classes not in --classes: {', '.join(sorted(missing))}")
         first = [n for n in class_names if normalize_name(n) in wanted]
         class_names = first + [n for n in class_names if normalize_name(n) not in wanted]
         known = len(first)
-    if known is None:
-        raise UeoError("Give --known N or --known-classes for a custom benchmark.")
     images = load_image_set(data, class_names)
     if not images.labelled:
         raise UeoError(f"{data} has no class folders; a benchmark needs labelled images.")
     unmatched = int((images.labels == OOD).sum())
     if unmatched:
-        raise UeoError(f"{unmatched} images in {data} are in folders not named in --classes.")
+        raise UeoError(
+            f"{unmatched} images in {data} are in folders not named in --all-classes."
+        )
     splits = {}
     for s in PAPER_SCENARIOS + ("CLOSED",):
         if s in ("ODA", "OPDA") and known == len(class_names):

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ueo.adaptation import adapt
-from ueo.bench.protocol import PAPER_SCENARIOS, SCENARIOS
+from ueo.bench.grid import check_grid
+from ueo.bench.protocol import PAPER_SCENARIOS
 from ueo.cache import ImageCache
 from ueo.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ueo.clip import LoadedClip, check_model, load_clip
@@ -32,7 +33,7 @@ from ueo.inference import Outputs, infer
 from ueo.io import atomic_write
 from ueo.methods import get_method, method_names
 from ueo.model import UeoModel, norm_parameters
-from ueo.recipe import MAX_SEED, Recipe, Runtime
+from ueo.recipe import Recipe, Runtime
 from ueo.runs import LOG_FILE, METRICS_FILE, logged_to, publish, save_run, staging_dir
 from ueo.runtime import checked_runtime, resolve_device
 
@@ -113,37 +114,12 @@ class Sweep:
         return self.recipe.replace(method=cell.method, seed=cell.seed)
 
     def validate(self) -> Sweep:
-        """Check the grid, recipe and runtime before any data or model is loaded; returns self.
-
-        A value listed twice is an error: it would count one run as two in the mean and std.
-        """
+        """Check the grid (ueo.bench.grid), recipe, runtime and model before any data or model
+        is loaded; returns self."""
         self.recipe.validate()
+        check_grid(self.methods, self.scenarios, self.seeds, self.domains, self.shard)
         checked_runtime(self.runtime, self.recipe.precision)
         check_model(self.model, self.pretrained)
-        grid = {"methods": self.methods, "scenarios": self.scenarios, "seeds": self.seeds}
-        if self.domains is not None:
-            grid["domains"] = self.domains
-        for name, values in grid.items():
-            if not values:
-                raise UeoError(f"--{name} is empty.")
-            seen = set()
-            for value in values:
-                if value in seen:
-                    raise UeoError(f"--{name} lists {value} twice.")
-                seen.add(value)
-        for m in self.methods:
-            get_method(m)
-        unknown = [s for s in self.scenarios if s not in SCENARIOS]
-        if unknown:
-            raise UeoError(
-                f"Unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}."
-            )
-        for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-                raise UeoError(f"--seeds must be integers in [0, {MAX_SEED}], not {seed!r}.")
-        k, n = self.shard
-        if not 0 <= k < n:
-            raise UeoError(f"A shard must be K/N with 0 <= K < N, not {k}/{n}.")
         return self
 
 

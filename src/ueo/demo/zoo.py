@@ -48,7 +48,9 @@ def register_tiny_models() -> None:
 def register() -> None:
     """The `ueo.models` entry point: the tiny architectures and `--pretrained bundled`."""
     register_tiny_models()
-    register_weights(WEIGHTS_TAG, load_bundled, lambda name: bundled_recipe(name)["sha256"])
+    register_weights(
+        WEIGHTS_TAG, load_bundled, lambda name: bundled_recipe(name)["sha256"], models=BUNDLED
+    )
 
 
 def _check_bundled(model_name: str) -> None:
@@ -70,9 +72,14 @@ def bundled_recipe(model_name: str) -> dict:
     if not path.is_file():
         raise UeoError(
             f"The recipe file {path} of bundled model {model_name} is missing; rebuild it with "
-            f"`python tools/pretrain.py --model {model_name}`."
+            f"{_rebuild_command(model_name, path)}."
         )
     return json.loads(path.read_text())
+
+
+def _rebuild_command(model_name: str, path: Path) -> str:
+    """The command that writes a bundled model's files where the package reads them."""
+    return f"`python tools/pretrain.py --model {model_name} --out {path.parent}`"
 
 
 def sha256_file(path: Path) -> str:
@@ -96,15 +103,14 @@ def load_bundled(model_name: str) -> torch.nn.Module:
     if not path.is_file():
         raise UeoError(
             f"The weights {path} of bundled model {model_name} are missing; rebuild them with "
-            f"`python tools/pretrain.py --model {model_name}`."
+            f"{_rebuild_command(model_name, path)}."
         )
     expected = bundled_recipe(model_name)["sha256"]
     actual = sha256_file(path)
     if actual != expected:
         raise UeoError(
             f"{path} has sha256 {actual} but its recipe file records {expected}: the file is "
-            "corrupt or was replaced. Rebuild it with "
-            f"`python tools/pretrain.py --model {model_name}`."
+            f"corrupt or was replaced. Rebuild it with {_rebuild_command(model_name, path)}."
         )
     return load_checkpoint(model_name, path)
 

@@ -1,0 +1,91 @@
+"""Checks of a command's inputs and outputs that need no heavy library (torch-free).
+
+The command line runs them before it imports torch, so that a mistyped path or value is
+answered at once; the jobs (ueo.jobs, ueo.bench.jobs, ueo.demo.runner) run the same checks
+for Python callers, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ueo.errors import UeoError
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Fail early, in one line, unless `path` is (or can be made) a writable directory.
+
+    Writability is tested by creating and removing a temporary file in the directory, or in
+    its nearest existing ancestor when it does not exist yet (nothing is left behind).
+    """
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UeoError(f"{what} {path} is a file, not a directory.")
+        _check_writable(_existing_folder(path, path, what), path, what)
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Fail early, in one line, unless `path` can be written as a regular file (replaced
+    atomically if it exists): not a directory (nor a name ending in a slash, which means
+    one), a device or a pipe, in a writable place."""
+    if str(path).endswith(("/", os.sep)):
+        example = Path(path) / "predictions.csv"
+        raise UeoError(f"{what} {path} names a folder; give a file name, e.g. {example}.")
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise UeoError(f"{what} {path} is a directory; give a file name.")
+        if path.exists() and not path.is_file():
+            raise UeoError(f"{what} {path} exists and is not a regular file.")
+        _check_writable(_existing_folder(path.parent, path, what), path, what)
+    except OSError as exc:
+        raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
+    return path
+
+
+def check_input_path(path: str | os.PathLike, what: str = "Data path") -> Path:
+    """`path` must exist (a file or a folder); what it holds is read later."""
+    path = Path(path)
+    try:
+        found = path.exists()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise UeoError(f"{what} {path}: {exc.strerror or exc}.") from None
+    if not found:
+        raise UeoError(f"{what} {path} does not exist.")
+    return path
+
+
+def check_threshold(threshold: float | None) -> None:
+    """An MCM threshold is a softmax probability: a number in [0, 1] (None: the adapter's)."""
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise UeoError(f"--threshold must be a number in [0, 1], not {threshold!r}.")
+    if not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
+        raise UeoError(f"--threshold must be in [0, 1] (an MCM score), not {threshold}.")
+
+
+def _existing_folder(start: Path, path: Path, what: str) -> Path:
+    """`start` if it is a directory, else its nearest existing ancestor, which must be one."""
+    for folder in (start, *start.absolute().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UeoError(f"{what} {path}: {folder} is a file, not a directory.")
+            return folder
+    raise UeoError(f"{what} {path}: no existing parent directory.")
+
+
+def _check_writable(folder: Path, path: Path, what: str) -> None:
+    """Create and remove a temporary file in `folder`: the one sure test of writability."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ueo-write-test.", dir=folder)
+    except OSError as exc:
+        raise UeoError(f"{what} {path} is not writable ({folder}: {exc.strerror}).") from None
+    os.close(fd)
+    os.unlink(name)
