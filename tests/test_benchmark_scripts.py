@@ -35,6 +35,20 @@ def test_step_speed_reference_and_ueo_steps_agree(model, capsys):
     assert record["reference_s_per_step"] > 0 and record["ueo_s_per_step"] > 0
 
 
+def test_step_speed_low_precision_and_profile(tmp_path, capsys):
+    """The GPU benchmark's extra figures, on the CPU: the reference and ueo's step under the
+    same autocast, back to back, and a profiler table."""
+    argv = ["--model", "test-tiny-vit", "--classes", "65", "--batch", "4", "--device", "cpu"]
+    argv += ["--precision", "bf16", "--profile", str(tmp_path), "--json"]
+    assert step_speed.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["reference_s_per_step_bf16"] > 0 and record["ueo_s_per_step_bf16"] > 0
+    assert record["images_per_s_ueo_bf16"] > 0 and record["speedup_bf16"] > 0
+    profile = record["profile"]
+    assert profile["aten_ops_per_step"] > 100 and profile["wall_ms_per_step"] > 0
+    assert "aten::" in Path(profile["table"]).read_text()
+
+
 def test_epoch_speed_reports_three_rates(tmp_path, capsys):
     assert (
         epoch_speed.main(

@@ -11,10 +11,10 @@ from tqdm.auto import tqdm
 from ueo.cache import ImageCache
 from ueo.data import BadImages, ImageSet, make_loader
 from ueo.metrics import compute_metrics
-from ueo.model import UeoModel
+from ueo.model import UeoModel, frozen_weights_in
 from ueo.objectives import mcm_score
 from ueo.recipe import Runtime
-from ueo.runtime import autocast, default_workers, resolve_device
+from ueo.runtime import DTYPES, default_workers, resolve_device
 
 
 @dataclass
@@ -68,16 +68,18 @@ def infer(
         device,
         cache=cache,
     )
-    with tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar:
+    with (
+        frozen_weights_in(model, DTYPES[precision]),
+        tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar,
+    ):
         for x, idx, errors in loader:
             bar.update()
             for i, msg in errors:
                 bad.report(i, msg)
             if x is None:
                 continue
-            with autocast(device, precision):
-                out = model(x.to(device, non_blocking=True), text)
-            cos[idx.numpy()] = out.float().cpu().numpy()
+            out, _, _ = model.cosines(x.to(device, non_blocking=True), precision, text)
+            cos[idx.numpy()] = out.cpu().numpy()
             valid[idx.numpy()] = True
     return Outputs(cos, valid)
 
