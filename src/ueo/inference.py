@@ -14,7 +14,7 @@ from ueo.metrics import compute_metrics
 from ueo.model import UeoModel, frozen_weights_in
 from ueo.objectives import mcm_score
 from ueo.recipe import Runtime
-from ueo.runtime import DTYPES, default_workers, resolve_device
+from ueo.runtime import DTYPES, autocast, default_workers, resolve_device
 
 
 @dataclass
@@ -48,7 +48,8 @@ def infer(
     desc: str = "infer",
     cache: ImageCache | None = None,
 ) -> Outputs:
-    """Cosine similarities of every image to every known class, with the test transform.
+    """Cosine similarities of every image to every known class, with the test transform;
+    both towers under `precision`'s autocast, the cosines in fp32 (`UeoModel.cosines`).
 
     The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
     the test transform's pixels for the next pass over the same images (ueo.cache).
@@ -56,7 +57,6 @@ def infer(
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
     bad = bad if bad is not None else BadImages(runtime.on_bad_image)
-    text = model.text_features()
     cos = np.full((len(images), model.prompt.num_classes), np.nan, dtype=np.float32)
     valid = np.zeros(len(images), dtype=bool)
     loader = make_loader(
@@ -72,6 +72,8 @@ def infer(
         frozen_weights_in(model, DTYPES[precision]),
         tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar,
     ):
+        with autocast(device, precision):
+            text = model.text_features()
         for x, idx, errors in loader:
             bar.update()
             for i, msg in errors:
