@@ -26,8 +26,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 200 "$PY" benchmarks/step_speed.py --device cuda --precision bf16 --steps 5 \
   --out "$OUT/step_speed.jsonl"
-# Whole epochs with the real loader (JPEG decoding and augmentation in 12 workers), bf16: one
-# JSON line per model with loader, model and epoch images/s and which of them bounds the epoch.
+# Whole epochs with the real loader (12 workers sharing one store of decoded images), bf16: one
+# JSON line per model with the loader's rate (decoding, then from the store), the model's, the
+# first epoch's (it decodes) and the later epochs' (they must decode nothing), and the bound.
 : > "$OUT/epoch_speed.jsonl"
 for model in RN50 ViT-B-16; do
   timeout 120 "$PY" benchmarks/epoch_speed.py --model "$model" --device cuda --precision bf16 \
@@ -38,6 +39,10 @@ done
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"{r['model']} bf16 whole epoch {r['epoch_images_per_s']} img/s (loader "
-          f"{r['loader_images_per_s']}, model {r['model_images_per_s']}): bound by the {r['bound_by']}")
+    print(f"{r['model']} bf16 epochs after the first {r['epoch_images_per_s']} img/s = "
+          f"{r['epoch_vs_model']:.0%} of the model's {r['model_images_per_s']} (first epoch "
+          f"{r['first_epoch_images_per_s']}); loader {r['loader_images_per_s']} img/s "
+          f"({r['loader_cold_images_per_s']} decoding); decodes per epoch "
+          f"{r['decodes_per_epoch']}; device finish exact: {r['finish_exact']}; "
+          f"bound by the {r['bound_by']}")
 PYEOF

@@ -35,7 +35,7 @@ from ueo.checkpoint import (
     sub,
     unpack_optimizer,
 )
-from ueo.data import BadImages, ImageSet, make_loader
+from ueo.data import BadImages, EpochOrder, ImageSet, make_loader
 from ueo.errors import UeoError
 from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
@@ -68,32 +68,6 @@ class AdaptResult:
 
 class NonFinite(Exception):
     """A training step met a non-finite loss, gradient or tuned parameter (see `training_step`)."""
-
-
-class _EpochOrder(torch.utils.data.Sampler):
-    """The data order: one permutation per epoch from a generator of its own.
-
-    The generator's state at an epoch's start and the number of batches done in it give the
-    position in the data exactly, whatever the loader's workers do; `skip` samples are left
-    out of the next epoch's permutation, to continue an epoch a checkpoint interrupted.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n = n
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-        self.skip = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=self.generator).tolist()
-        # torch's RandomSampler draws a second (empty-sliced) permutation per pass; drawing it
-        # too keeps the order of a plain seeded loader from the second epoch on.
-        torch.randperm(self.n, generator=self.generator)
-        start, self.skip = self.skip, 0
-        yield from order[start:]
 
 
 def training_step(
@@ -380,7 +354,7 @@ def _train(
     transform = (
         model.clip.train_transform() if recipe.augment == "default" else model.clip.test_transform()
     )
-    order = _EpochOrder(len(unlabeled), recipe.seed)
+    order = EpochOrder(len(unlabeled), recipe.seed)
     loader = make_loader(
         unlabeled,
         transform,
@@ -458,6 +432,7 @@ def _train(
         for epoch in range(first_epoch, recipe.epochs + 1):
             epoch_start = order.generator.get_state()
             done = order.skip // recipe.batch_size
+            order.set_epoch(epoch)  # keys the epoch's augmentation draws
             last = None
             if epoch != first_epoch:
                 losses = []
@@ -470,10 +445,11 @@ def _train(
                     for i, msg in errors:
                         bad.report(i, msg)
                     if x is not None:
+                        x = loader.dataset.finish(x.to(device, non_blocking=True))
                         last = x
                         loss = _guarded_step(
                             model,
-                            x.to(device, non_blocking=True),
+                            x,
                             {k: v[idx] for k, v in fixed.items()},
                             optimizer,
                             method,
@@ -492,7 +468,7 @@ def _train(
                         checkpoint(epoch, b, epoch_start)
                         raise interrupted(stop, epoch, b)
             if last is not None:
-                _check_outputs(model, last.to(device), frozen_text, encode, recipe, epoch, ck)
+                _check_outputs(model, last, frozen_text, encode, recipe, epoch, ck)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "lr": lrs}
             history.append(record)

@@ -51,7 +51,8 @@ def infer(
     """Cosine similarities of every image to every known class, with the test transform.
 
     The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
-    the test transform's pixels for the next pass over the same images (ueo.cache).
+    the decoded images and the test transform's pixels for the next pass over the same images
+    (ueo.cache). Batches cross to the device as uint8 and are finished there.
     """
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
@@ -75,8 +76,9 @@ def infer(
                 bad.report(i, msg)
             if x is None:
                 continue
+            x = loader.dataset.finish(x.to(device, non_blocking=True))
             with autocast(device, precision):
-                out = model(x.to(device, non_blocking=True), text)
+                out = model(x, text)
             cos[idx.numpy()] = out.float().cpu().numpy()
             valid[idx.numpy()] = True
     return Outputs(cos, valid)
