@@ -71,7 +71,7 @@ def timed_pass(loader, epoch: int, device: torch.device, step=None) -> tuple[int
     `step`: images, seconds and decodes (through the loader's store)."""
     store = loader.dataset.cache
     decodes = store.decodes
-    loader.sampler.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(epoch)
     _sync(device)
     start = time.perf_counter()
     n = 0

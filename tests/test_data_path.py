@@ -29,20 +29,22 @@ def epochs_of(loader, epochs=(1, 2)) -> dict[int, dict[int, torch.Tensor]]:
     """Per epoch, each image's pixels as the loader yields them, by dataset index."""
     out = {}
     for epoch in epochs:
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         out[epoch] = {int(i): x for xb, idx, _ in loader for x, i in zip(xb, idx, strict=True)}
     return out
 
 
 def test_epoch_order_keys_each_sample_and_keeps_the_order():
-    n = 10
-    order = EpochOrder(n, 7)
+    n, batch = 10, 4
+    order = EpochOrder(n, 7, batch)
     with pytest.raises(RuntimeError, match="set_epoch"):
         list(order)
-    plain = RandomSampler(range(n), generator=torch.Generator().manual_seed(7))
+    plain = DataLoader(
+        range(n), batch, sampler=RandomSampler(range(n), generator=torch.Generator().manual_seed(7))
+    )
     for epoch in (1, 2):
         order.set_epoch(epoch)
-        assert list(order) == [(epoch, i) for i in plain]
+        assert list(order) == [[(epoch, int(i)) for i in b] for b in plain]
     with pytest.raises(RuntimeError, match="set_epoch"):  # each pass needs its epoch
         list(order)
     state = order.generator.get_state()
@@ -51,7 +53,35 @@ def test_epoch_order_keys_each_sample_and_keeps_the_order():
     order.generator.set_state(state)
     order.skip = 4  # a resumed epoch continues where its checkpoint stopped
     order.set_epoch(3)
-    assert list(order) == full[4:]
+    assert list(order) == full[1:] and len(order) == 3
+
+
+def test_processes_share_each_global_batch_without_repeats(image_folder):
+    """Over 3 processes, each global batch of 8 is cut in contiguous parts that, gathered in
+    rank order, are the single process's batch (30 images: the last batch of 6 is cut 2+2+2,
+    nothing padded); every image gets the same pixels as in one process. An evaluation pass
+    is cut in contiguous parts too."""
+    images = load_image_set(image_folder, CLASSES)
+    transform = clip.train_transform(32)
+    single = make_loader(images, transform, 8, True, 0, CPU, SEED)
+    ranks = [
+        make_loader(images, transform, 8, True, 0, CPU, SEED, rank=r, world=3) for r in range(3)
+    ]
+    for epoch in (1, 2):
+        for loader in (single, *ranks):
+            loader.batch_sampler.set_epoch(epoch)
+        for whole, *parts in zip(single, *ranks, strict=True):
+            sizes = [3, 3, 2] if len(whole[1]) == 8 else [2, 2, 2]
+            assert [len(p[1]) for p in parts] == sizes
+            assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+            assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    tiny = EpochOrder(5, SEED, 4, rank=2, world=3)
+    tiny.set_epoch(1)
+    assert [len(b) for b in tiny] == [1, 0]  # the last batch of 1 leaves rank 2 nothing
+    test = clip.test_transform(32)
+    shards = [make_loader(images, test, 7, False, 0, CPU, rank=r, world=4) for r in range(4)]
+    seen = [int(i) for loader in shards for _, idx, _ in loader for i in idx]
+    assert seen == list(range(len(images)))
 
 
 def test_augmentation_depends_on_the_key_not_on_workers_or_the_store(image_folder):
@@ -93,7 +123,7 @@ def test_a_finished_batch_is_the_per_image_transform_drawn_from_the_key(image_fo
     loader = make_loader(images, transform, 8, True, 0, CPU, SEED, cache=ImageCache())
     splits = split_transform(transform) is not None
     for epoch in (1, 2):
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         for x, idx, _ in loader:
             assert x.dtype == (torch.uint8 if splits else torch.float32)
             got = loader.dataset.finish(x)

@@ -354,7 +354,7 @@ def _train(
     transform = (
         model.clip.train_transform() if recipe.augment == "default" else model.clip.test_transform()
     )
-    order = EpochOrder(len(unlabeled), recipe.seed)
+    order = EpochOrder(len(unlabeled), recipe.seed, recipe.batch_size)
     loader = make_loader(
         unlabeled,
         transform,
@@ -363,7 +363,7 @@ def _train(
         workers_of(runtime),
         device,
         recipe.seed,
-        sampler=order,
+        order=order,
         cache=cache,
     )
     n_batches = len(loader)

@@ -312,36 +312,44 @@ def keyed_draws(seed: int, epoch: int, index: int) -> Iterator[None]:
 
 
 class EpochOrder(Sampler):
-    """The training order, and the key of every sample's random draws.
+    """The training order in batches, and the key of every sample's random draws.
 
     Epoch e visits the images in the order of the e-th `torch.randperm(n)` of a generator of
-    its own, seeded `seed` (the order of a plain DataLoader with a seeded RandomSampler), so
-    the order never depends on the loader's workers. The generator's state at an epoch's start
-    and the number of samples done in it give the position in the data exactly; `skip`
-    samples are left out of the next pass, to continue an epoch a checkpoint interrupted.
+    its own, seeded `seed` (the order of a plain DataLoader with a seeded RandomSampler), in
+    batches of `batch_size`, so the order never depends on the loader's workers. The
+    generator's state at an epoch's start and the number of samples done in it give the
+    position in the data exactly; `skip` samples are left out of the next pass, to continue an
+    epoch a checkpoint interrupted.
 
     Each sample comes as the key `(epoch, index)`, from which `ImageDataset` draws its
     augmentation (`keyed_draws`): the crops depend on the seed, the epoch and the image only,
     not on the number of workers or processes. The key travels with the index to the worker,
     so persistent workers, which hold the copy of the dataset made when they started, see the
     epoch. `set_epoch(epoch)` must be called before every pass (a pass without it raises).
+
+    With `world` > 1 processes, every process builds the same order and process `rank` gets
+    one contiguous part of each (global) batch, the first `len(batch) % world` parts one key
+    longer: the parts gathered in rank order are the batch of a single process, the last
+    partial batch included, no key repeated (a part may be empty).
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n = n
+    def __init__(self, n: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world} processes")
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.skip = 0
         self.epoch: int | None = None
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next pass: part of every sample's key."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.epoch is None:
             raise RuntimeError("EpochOrder.set_epoch(epoch) must be called before each pass.")
         epoch, self.epoch = self.epoch, None
@@ -350,8 +358,18 @@ class EpochOrder(Sampler):
         # too keeps the order of a plain seeded loader from the second epoch on.
         torch.randperm(self.n, generator=self.generator)
         start, self.skip = self.skip, 0
-        for i in order[start:]:
-            yield epoch, i
+        for b in range(start, self.n, self.batch_size):
+            batch = order[b : b + self.batch_size]
+            lo, hi = _part(len(batch), self.rank, self.world)
+            yield [(epoch, i) for i in batch[lo:hi]]
+
+
+def _part(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Where process `rank`'s contiguous part of `n` items starts and ends (the first
+    `n % world` parts one longer)."""
+    size, extra = divmod(n, world)
+    lo = rank * size + min(rank, extra)
+    return lo, lo + size + (rank < extra)
 
 
 class ImageDataset(Dataset):
@@ -437,28 +455,34 @@ def make_loader(
     workers: int,
     device: torch.device,
     seed: int = 0,
-    sampler: Sampler | None = None,
+    order: EpochOrder | None = None,
     cache: ImageCache | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
     """A loader that keeps an accelerator fed: worker processes, pinned memory, reuse.
 
     Batches come as `(images, index, bad)`; `images` stays uint8 under a split transform until
     `loader.dataset.finish(images.to(device, non_blocking=True))`, which every consumer calls.
-    A shuffled loader visits the images in an `EpochOrder` seeded `seed` (`loader.sampler`,
-    whose `set_epoch` is called before every pass); `sampler`, if given, sets the order instead
-    (and `shuffle` is ignored). On Linux the workers are forked, whatever Python's default start
-    method, so that they share `cache`'s memory.
+    A shuffled loader's batches come from `order`, or from an `EpochOrder` seeded `seed`
+    (`loader.batch_sampler`); its `set_epoch` must be called before every pass. A loader that
+    does not shuffle visits the images in order: with `world` > 1 processes, process `rank`
+    visits one contiguous part of them (the parts in rank order are the whole set, none
+    padded). On Linux the workers are forked, whatever Python's default start method, so that
+    they share `cache`'s memory.
     """
     dataset = ImageDataset(images, transform, cache, seed)
-    if shuffle and sampler is None:
-        sampler = EpochOrder(len(images), seed)
+    if shuffle and order is None:
+        order = EpochOrder(len(images), seed, batch_size, rank, world)
+    batching = {"batch_sampler": order} if shuffle else {"batch_size": batch_size}
+    if not shuffle:
+        batching["sampler"] = range(*_part(len(images), rank, world))
     generator = torch.Generator()
     generator.manual_seed(seed)
     fork = workers > 0 and sys.platform.startswith("linux")
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
