@@ -245,7 +245,9 @@ class ImageCache:
             state, offset, nbytes, *shape = table[i].tolist()
         if state != READY:
             return None
-        return np.frombuffer(self._arena, np.uint8, nbytes, offset).reshape(shape)
+        stored = np.frombuffer(self._arena, np.uint8, nbytes, offset).reshape(shape)
+        stored.flags.writeable = False
+        return stored
 
     def _put(self, key: Hashable, array: np.ndarray) -> None:
         """Store `array` (uint8, 3-D) under `key` if it has a row and fits in the budget."""
