@@ -36,7 +36,7 @@ from ueo.checkpoint import (
     sub,
     unpack_optimizer,
 )
-from ueo.data import BadImages, ImageSet, make_loader
+from ueo.data import BadImages, EpochOrder, ImageSet, make_loader
 from ueo.errors import UeoError
 from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
@@ -70,32 +70,6 @@ class AdaptResult:
     identity: dict | None = None
     outputs: dict = field(default_factory=dict, repr=False)
     timings: dict = field(default_factory=dict)
-
-
-class _EpochOrder(torch.utils.data.Sampler):
-    """The data order: one permutation per epoch from a generator of its own.
-
-    The generator's state at an epoch's start and the number of batches done in it give the
-    position in the data exactly, whatever the loader's workers do; `skip` samples are left
-    out of the next epoch's permutation, to continue an epoch a checkpoint interrupted.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n = n
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-        self.skip = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=self.generator).tolist()
-        # torch's RandomSampler draws a second (empty-sliced) permutation per pass; drawing it
-        # too keeps the order of a plain seeded loader from the second epoch on.
-        torch.randperm(self.n, generator=self.generator)
-        start, self.skip = self.skip, 0
-        yield from order[start:]
 
 
 def adapt(
@@ -330,7 +304,7 @@ class _Trainer:
         self.all_fixed = fixed  # what a checkpoint stores
         images, fixed = _training_subset(unlabeled, fixed, method)
         self.fixed = {k: v.to(self.device) for k, v in fixed.items()}
-        self.order = _EpochOrder(len(images), recipe.seed)
+        self.order = EpochOrder(len(images), recipe.seed, recipe.batch_size)
         self.loader = make_loader(
             images,
             model.clip.train_transform()
@@ -341,7 +315,7 @@ class _Trainer:
             workers_of(runtime),
             self.device,
             recipe.seed,
-            sampler=self.order,
+            order=self.order,
             cache=cache,
         )
         self.batches = len(self.loader)
@@ -406,6 +380,7 @@ class _Trainer:
         current step and stops. Returns the epoch's last batch (for `end_epoch`'s check)."""
         epoch_start = self.order.generator.get_state()
         done = self.order.skip // self.recipe.batch_size
+        self.order.set_epoch(epoch)  # keys the epoch's augmentation draws
         last = None
         desc = f"epoch {epoch}/{self.recipe.epochs}"
         with tqdm(
@@ -416,7 +391,7 @@ class _Trainer:
                 for i, msg in errors:
                     bad.report(i, msg)
                 if x is not None:
-                    last = x.to(self.device, non_blocking=True)
+                    last = self.loader.dataset.finish(x.to(self.device, non_blocking=True))
                     self.step(last, idx, (epoch, b))
                 if b % self.read_every == 0:
                     self.settle(ck, bar)

@@ -52,7 +52,8 @@ def infer(
     both towers under `precision`'s autocast, the cosines in fp32 (`UeoModel.cosines`).
 
     The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
-    the test transform's pixels for the next pass over the same images (ueo.cache).
+    the decoded images and the test transform's pixels for the next pass over the same images
+    (ueo.cache). Batches cross to the device as uint8 and are finished there.
     """
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
@@ -80,7 +81,8 @@ def infer(
                 bad.report(i, msg)
             if x is None:
                 continue
-            out, _, _ = model.cosines(x.to(device, non_blocking=True), precision, text)
+            x = loader.dataset.finish(x.to(device, non_blocking=True))
+            out, _, _ = model.cosines(x, precision, text)
             cos[idx.numpy()] = out.cpu().numpy()
             valid[idx.numpy()] = True
     return Outputs(cos, valid)
