@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark (about 3-4 minutes on an H100/H200): ueo's step against the
-# reference step for RN50 and ViT-B/16 at 345 and 65 classes (fp32 equality, bf16 speed,
-# images/s, fraction of the card's bf16 matmul rate), then the throughput of whole epochs
-# with a real loader for RN50 and ViT-B/16 in bf16, and whether the loader or the model bounds it.
+# The prepared GPU benchmark, in one go (about 4-5 minutes on an H100/H200), printing one table:
+#   1. the training step, RN50 and ViT-B/16 at 345 and 65 classes, batch 64: the reference step
+#      against ueo's step in fp32 (equal numbers) and bf16 (speed), images/s and the share of the
+#      card's bf16 matmul rate; RN50 at 65 classes also compiled; a torch.profiler table per case;
+#   2. whole epochs with the real loader for RN50 and ViT-B/16 in bf16 (what bounds an epoch);
+#   3. `ueo adapt` end to end on the same JPEGs (where its wall time goes: metrics.json timings_s).
 #
 # The lent GPU machines have PyTorch but not open_clip and reach no package registry, so the
 # wheels travel with the working tree: run `make wheels` here first, then on the GPU machine
 # `bash benchmarks/gpu.sh` (device tool: carry [".wheels"]). Results land in $OUT (or runs/gpu).
+# A dry run of the script on a CPU, with a bundled tiny model: DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu}
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 if ! "$PY" -c "import open_clip" 2>/dev/null; then
   if ! ls .wheels/*.whl >/dev/null 2>&1; then
@@ -21,23 +25,47 @@ if ! "$PY" -c "import open_clip" 2>/dev/null; then
   export PYTHONPATH=/tmp/ueo-deps
 fi
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-"$PY" -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 200 "$PY" benchmarks/step_speed.py --device cuda --precision bf16 --steps 5 \
-  --out "$OUT/step_speed.jsonl"
-# Whole epochs with the real loader (JPEG decoding and augmentation in 12 workers), bf16: one
-# JSON line per model with loader, model and epoch images/s and which of them bounds the epoch.
-: > "$OUT/epoch_speed.jsonl"
-for model in RN50 ViT-B-16; do
-  timeout 120 "$PY" benchmarks/epoch_speed.py --model "$model" --device cuda --precision bf16 \
-    --images 2000 --batch 64 --workers 12 --folder /tmp/ueo-epoch-images --json \
-    | tee -a "$OUT/epoch_speed.jsonl"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ "${QUICK:-0}" = 1 ]; then  # a dry run: tiny models, few images
+  CASES="ueo-tiny-rn:65 ueo-tiny-vit:65"; COMPILED=""; MODELS="ueo-tiny-rn"
+  IMAGES=48; WORKERS=1; BATCH=16; STEPS=4
+else
+  CASES="RN50:345 RN50:65 ViT-B-16:345 ViT-B-16:65"; COMPILED="RN50:65"; MODELS="RN50 ViT-B-16"
+  IMAGES=2000; WORKERS=12; BATCH=64; STEPS=10
+fi
+{
+  if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  fi
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} | tee "$OUT/gpu.txt"
+
+# 1. The step.
+: > "$OUT/step_speed.jsonl"
+for case in $CASES; do
+  model=${case%%:*}; classes=${case##*:}
+  extra=()
+  if [[ " $COMPILED " == *" $case "* ]]; then extra=(--compile); fi
+  timeout 240 "$PY" benchmarks/step_speed.py --model "$model" --classes "$classes" \
+    --device "$DEVICE" --batch "$BATCH" --precision bf16 --steps "$STEPS" \
+    --profile "$OUT/profiles" --json "${extra[@]}" | tee -a "$OUT/step_speed.jsonl"
 done
-"$PY" - "$OUT/epoch_speed.jsonl" <<'PYEOF'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f"{r['model']} bf16 whole epoch {r['epoch_images_per_s']} img/s (loader "
-          f"{r['loader_images_per_s']}, model {r['model_images_per_s']}): bound by the {r['bound_by']}")
-PYEOF
+
+# 2. Whole epochs with the real loader (JPEG decoding and augmentation in worker processes).
+: > "$OUT/epoch_speed.jsonl"
+for model in $MODELS; do
+  timeout 150 "$PY" benchmarks/epoch_speed.py --model "$model" --device "$DEVICE" \
+    --precision bf16 --images "$IMAGES" --batch "$BATCH" --workers "$WORKERS" \
+    --folder /tmp/ueo-epoch-images --json | tee -a "$OUT/epoch_speed.jsonl"
+done
+
+# 3. `ueo adapt` end to end on those JPEGs (random-init RN50, 345 classes, 2 epochs, bf16).
+model=${MODELS%% *}
+rm -rf "$OUT/adapt"
+timeout 200 "$PY" -m ueo adapt --model "$model" \
+  --pretrained "$([ "${QUICK:-0}" = 1 ] && echo bundled || echo none)" \
+  --data /tmp/ueo-epoch-images --classes src/ueo/bench/classes/domainnet.classes.txt \
+  --epochs 2 --batch-size "$BATCH" --precision bf16 --device "$DEVICE" --workers "$WORKERS" \
+  --out "$OUT/adapt" --quiet > "$OUT/adapt.txt" 2>&1 || { cat "$OUT/adapt.txt"; exit 1; }
+
+"$PY" benchmarks/gpu_table.py "$OUT" | tee "$OUT/table.md"

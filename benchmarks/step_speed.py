@@ -2,9 +2,11 @@
 
 The reference step is the step of docs/spec.md written plainly, as the authors' script does
 it: every prompt padded to the full text context and run through the whole text transformer
-each step, fp32, frozen weights without gradients. ueo's step is
-`ueo.adaptation.training_step` with the registry's `ueo` method on a model built the way
-`ueo adapt` builds it (exact shortcuts in `ueo.prompts`, channels_last chosen at load time).
+each step, frozen weights without gradients, fp32 (and, with --precision, under the same
+autocast as ueo's). ueo's step is `ueo.training.training_step` with the registry's `ueo`
+method on a model built the way `ueo adapt` builds it (exact shortcuts in `ueo.prompts`,
+channels_last chosen at load time), its verdicts read by a `StepGuard` as `adapt` reads them,
+and under a low precision with the frozen weights cast once (`ueo.model.frozen_weights_in`).
 
 Both start from the same random-init model (BatchNorm statistics calibrated on natural-looking
 images, so features depend on the input), tune the same groups (`configure_model` and
@@ -12,7 +14,11 @@ images, so features depend on the input), tune the same groups (`configure_model
 same SGD steps;
 steps alternate between the two so that machine noise hits both alike. Step 1 is the warm-up;
 the reported time is the median of the following steps. Losses are compared at every step and
-every tuned tensor after 3 steps.
+every tuned tensor after 3 steps. Under --precision, each path also runs `--steps` steps back
+to back, with one wait for the device at the end, as a training run does: that is the
+images/s figure (on a GPU, a step's host work then overlaps the previous step's kernels).
+`--compile` adds ueo's step with `torch.compile`d features (its compile time reported apart);
+`--profile DIR` writes a `torch.profiler` summary of ueo's step per case.
 
     python benchmarks/step_speed.py                       # every case
     python benchmarks/step_speed.py --model RN50 --classes 345 --json
@@ -28,19 +34,20 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ueo.adaptation import training_step
 from ueo.bench.protocol import class_names
 from ueo.clip import calibrate_batchnorm, load_clip
 from ueo.methods import get_method
-from ueo.model import UeoModel, collect_params, configure_model
+from ueo.model import UeoModel, collect_params, configure_model, frozen_weights_in
 from ueo.objectives import LOGIT_SCALE, mcm_score, ueo_loss
 from ueo.recipe import PRECISIONS, Recipe
-from ueo.runtime import resolve_device
+from ueo.runtime import DTYPES, autocast, resolve_device
+from ueo.training import StepGuard, training_step
 
 CASES = [("RN50", 345), ("RN50", 65), ("ViT-B-16", 345), ("ViT-B-16", 65)]
 CLASS_LISTS = {345: "domainnet", 65: "officehome"}
@@ -117,15 +124,36 @@ class KernelTime:
         self.page_faults = end.ru_minflt - self.start.ru_minflt
 
 
-def reference_step(model: UeoModel, images, weights, optimizer) -> float:
-    """The step of docs/spec.md as the authors' script computes it: full prompts, fp32."""
+def reference_step(model: UeoModel, images, weights, optimizer, precision: str = "fp32") -> float:
+    """The step of docs/spec.md as the authors' script computes it: full prompts, the towers
+    under `precision`'s autocast (fp32: none), a host read of the loss at every step."""
     optimizer.zero_grad(set_to_none=True)
-    text = model.prompt.reference_features()
-    feats = F.normalize(model.net.encode_image(images), dim=-1)
-    loss = ueo_loss(LOGIT_SCALE * feats @ text.t(), weights)
+    with autocast(images.device, precision):
+        text = model.prompt.reference_features()
+        feats = F.normalize(model.net.encode_image(images), dim=-1)
+    loss = ueo_loss(LOGIT_SCALE * feats.float() @ text.float().t(), weights)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def ueo_step(model: UeoModel, images, fixed, optimizer, recipe, guard, features=None):
+    """ueo's step as `adapt` runs it: guarded, nothing read back (the loss stays on device)."""
+    return training_step(
+        model, images, fixed, optimizer, UEO, recipe, guard=guard, features=features
+    )
+
+
+def back_to_back(step, device: torch.device, steps: int) -> float:
+    """Seconds per step over `steps` steps launched back to back, one wait at the end (after a
+    warm-up step): what a training run sees."""
+    step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
 
 
 def run_case(
@@ -136,6 +164,8 @@ def run_case(
     steps: int,
     precision: str,
     seed: int = 0,
+    compiled: bool = False,
+    profile_dir: str | None = None,
 ) -> dict:
     clips = []
     for channels_last in (False, True):  # one network, in the two memory layouts
@@ -166,20 +196,23 @@ def run_case(
     start_state = {k: v.clone() for k, v in ours.adapter_state().items()}
     grad_norm = None
     params = [*ref.net.parameters(), *ours.net.parameters(), ref.prompt.ctx, ours.prompt.ctx]
+    guard = StepGuard(opt_ours, "stop")
     for _ in range(steps):
         for name, fn in (
             ("reference", lambda: reference_step(ref, images, weights, opt_ref)),
-            ("ueo", lambda: training_step(ours, images, fixed, opt_ours, UEO, RECIPE)),
+            ("ueo", lambda: ueo_step(ours, images, fixed, opt_ours, RECIPE, guard)),
         ):
             _sync(device)
             with StepMemory(device, params) as mem, KernelTime() as kernel:
                 t0 = time.perf_counter()
-                losses[name].append(fn())
+                out = fn()
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
             system[name].append(kernel.system_s)
             faults[name].append(kernel.page_faults)
             memory[name] = max(memory.get(name, 0.0), mem.mib)
+            if name == "reference":
+                losses["reference"].append(out)
             if name == "ueo" and grad_norm is None:
                 grad_norm = float(
                     torch.cat(
@@ -189,34 +222,59 @@ def run_case(
                         ]
                     ).norm()
                 )
-        if len(losses["ueo"]) == 3:
+        if len(times["ueo"]) == 3:
             after3 = {
                 "reference": {k: v.clone() for k, v in ref.adapter_state().items()},
                 "ueo": {k: v.clone() for k, v in ours.adapter_state().items()},
             }
+    losses["ueo"] = [v.loss for v in guard.read()]
     low_precision = {}
     if precision != "fp32":
-        low_recipe = RECIPE.replace(precision=precision)
-        low_times = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            training_step(ours, images, fixed, opt_ours, UEO, low_recipe)
-            _sync(device)
-            low_times.append(time.perf_counter() - t0)
-        t_low = statistics.median(low_times[1:])
-        low_precision = {
-            f"ueo_s_per_step_{precision}": round(t_low, 4),
-            f"images_per_s_ueo_{precision}": round(batch / t_low, 1),
-        }
-        if device.type == "cuda":  # the step's FLOP rate against the card's matmul rate
-            achieved = step_flops(ours, images, weights, opt_ours, precision) / t_low / 1e12
-            peak = matmul_rate(device, precision)
-            low_precision |= {
-                f"achieved_tflops_{precision}": round(achieved, 1),
-                "matmul_peak_tflops": round(peak, 1),
-                "fraction_of_matmul_peak": round(achieved / peak, 4),
+        low = RECIPE.replace(precision=precision)
+        t_ref_low = back_to_back(
+            lambda: reference_step(ref, images, weights, opt_ref, precision), device, steps
+        )
+        with frozen_weights_in(ours, DTYPES[precision]):
+            t_low = back_to_back(
+                lambda: ueo_step(ours, images, fixed, opt_ours, low, guard), device, steps
+            )
+            low_precision = {
+                f"reference_s_per_step_{precision}": round(t_ref_low, 4),
+                f"ueo_s_per_step_{precision}": round(t_low, 4),
+                f"speedup_{precision}": round(t_ref_low / t_low, 2),
+                f"images_per_s_ueo_{precision}": round(batch / t_low, 1),
             }
+            if compiled:
+                features = torch.compile(partial(ours.cosines, precision=precision), dynamic=False)
+                t0 = time.perf_counter()
+                ueo_step(ours, images, fixed, opt_ours, low, guard, features)
+                _sync(device)
+                compile_s = time.perf_counter() - t0
+                t_comp = back_to_back(
+                    lambda: ueo_step(ours, images, fixed, opt_ours, low, guard, features),
+                    device,
+                    steps,
+                )
+                low_precision |= {
+                    f"ueo_compiled_s_per_step_{precision}": round(t_comp, 4),
+                    f"images_per_s_ueo_compiled_{precision}": round(batch / t_comp, 1),
+                    "compile_s": round(compile_s, 1),
+                }
+            if profile_dir is not None:
+                low_precision["profile"] = profile_step(
+                    lambda: ueo_step(ours, images, fixed, opt_ours, low, guard),
+                    device,
+                    Path(profile_dir) / f"{model_name}-{n_classes}-{precision}.txt",
+                )
+            if device.type == "cuda":  # the step's FLOP rate against the card's matmul rate
+                achieved = step_flops(ours, images, fixed, opt_ours, low) / t_low / 1e12
+                peak = matmul_rate(device, precision)
+                low_precision |= {
+                    f"achieved_tflops_{precision}": round(achieved, 1),
+                    "matmul_peak_tflops": round(peak, 1),
+                    "fraction_of_matmul_peak": round(achieved / peak, 4),
+                }
+        guard.read()
     param_diff = max(
         float((after3["reference"][k] - after3["ueo"][k]).abs().max()) for k in after3["ueo"]
     )
@@ -251,14 +309,49 @@ def run_case(
     }
 
 
-def step_flops(model, images, weights, optimizer, precision: str) -> float:
+def step_flops(model, images, fixed, optimizer, recipe) -> float:
     """Matmul and convolution FLOPs of one step (forward and backward), as PyTorch counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    recipe = RECIPE.replace(precision=precision)
     with FlopCounterMode(display=False) as counter:
-        training_step(model, images, {"weight": weights}, optimizer, UEO, recipe)
+        training_step(model, images, fixed, optimizer, UEO, recipe)
     return float(counter.get_total_flops())
+
+
+def profile_step(step, device: torch.device, path: Path, steps: int = 3) -> dict:
+    """`torch.profiler` over `steps` steps: the table of ops by device (or CPU) time goes to
+    `path`; returns what bounds the step: host and device time, kernels, syncs and copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    step()
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=sort, row_limit=40))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = {e.key: e.count for e in events}
+    return {
+        "wall_ms_per_step": round(1e3 * wall, 2),
+        "device_ms_per_step": round(sum(e.device_time for e in kernels) / 1e3 / steps, 2),
+        "kernels_per_step": len(kernels) // steps,
+        "aten_ops_per_step": sum(c for k, c in names.items() if k.startswith("aten::")) // steps,
+        "copies_per_step": names.get("aten::copy_", 0) // steps,
+        "syncs_per_step": sum(
+            c for k, c in names.items() if "Synchronize" in k or k == "aten::item"
+        )
+        // steps,
+        "table": str(path),
+    }
 
 
 def matmul_rate(device: torch.device, precision: str, n: int = 8192, reps: int = 10) -> float:
@@ -280,7 +373,16 @@ def _low_precision_summary(rec: dict, precision: str) -> str:
     """The autocast figures of a GPU run: images/s and the fraction of the matmul peak."""
     if f"images_per_s_ueo_{precision}" not in rec:
         return ""
-    text = f"; {precision}: {rec[f'images_per_s_ueo_{precision}']} images/s"
+    text = (
+        f"; {precision}: reference {rec[f'reference_s_per_step_{precision}']:.4f} s/step, ueo "
+        f"{rec[f'ueo_s_per_step_{precision}']:.4f} s/step -> {rec[f'speedup_{precision}']:.2f}x, "
+        f"{rec[f'images_per_s_ueo_{precision}']} images/s"
+    )
+    if f"images_per_s_ueo_compiled_{precision}" in rec:
+        text += (
+            f", compiled {rec[f'images_per_s_ueo_compiled_{precision}']} images/s (compile "
+            f"{rec['compile_s']} s)"
+        )
     if "fraction_of_matmul_peak" in rec:
         text += (
             f", {rec[f'achieved_tflops_{precision}']} TFLOP/s = "
@@ -314,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(PRECISIONS),
         help="also time ueo's step under this autocast precision (GPU)",
     )
+    p.add_argument("--compile", action="store_true", help="also time the compiled step")
+    p.add_argument("--profile", default=None, help="write torch.profiler tables to this folder")
     p.add_argument("--json", action="store_true", help="print JSON lines only")
     p.add_argument("--out", default=None, help="also write the JSON records to this file")
     args = p.parse_args(argv)
@@ -331,7 +435,16 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(args.model.replace("/", "-"), args.classes or 345)]
     records = []
     for model_name, n_classes in cases:
-        rec = run_case(model_name, n_classes, batch, device, args.steps, args.precision)
+        rec = run_case(
+            model_name,
+            n_classes,
+            batch,
+            device,
+            args.steps,
+            args.precision,
+            compiled=args.compile,
+            profile_dir=args.profile,
+        )
         records.append(rec)
         if args.out:
             Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))

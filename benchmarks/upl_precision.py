@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     columns = ("fp64", "fp32", "fp16_confidences", "fp16_logits")
     if not args.json:
         print(f"{args.images} images, {args.classes} classes, K = {args.k}, {args.seeds} seeds")
-        print(f"{'boost':>6} {'median conf':>11} {'conf > 1-2^-12':>14} {'kept':>5}  " + "  ".join(
-            f"{c:>16}" for c in columns
-        ))
+        print(
+            f"{'boost':>6} {'median conf':>11} {'conf > 1-2^-12':>14} {'kept':>5}  "
+            + "  ".join(f"{c:>16}" for c in columns)
+        )
     for boost in (float(b) for b in args.boosts.split(",")):
         runs = [
             differences(cosines(args.images, args.classes, boost, seed), args.k)

@@ -36,32 +36,37 @@ def test_step_speed_reference_and_ueo_steps_agree(model, capsys):
     assert record["reference_s_per_step"] > 0 and record["ueo_s_per_step"] > 0
 
 
-def test_epoch_speed_reports_three_rates(tmp_path, capsys):
-    assert (
-        epoch_speed.main(
-            [
-                "--model",
-                "test-tiny-rn",
-                "--images",
-                "24",
-                "--batch",
-                "8",
-                "--workers",
-                "0",
-                "--device",
-                "cpu",
-                "--folder",
-                str(tmp_path / "jpegs"),
-                "--json",
-            ]
-        )
-        == 0
-    )
+def test_step_speed_low_precision_and_profile(tmp_path, capsys):
+    """The GPU benchmark's extra figures, on the CPU: the reference and ueo's step under the
+    same autocast, back to back, and a profiler table."""
+    argv = ["--model", "test-tiny-vit", "--classes", "65", "--batch", "4", "--device", "cpu"]
+    argv += ["--precision", "bf16", "--profile", str(tmp_path), "--json"]
+    assert step_speed.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["reference_s_per_step_bf16"] > 0 and record["ueo_s_per_step_bf16"] > 0
+    assert record["images_per_s_ueo_bf16"] > 0 and record["speedup_bf16"] > 0
+    profile = record["profile"]
+    assert profile["aten_ops_per_step"] > 100 and profile["wall_ms_per_step"] > 0
+    assert "aten::" in Path(profile["table"]).read_text()
+
+
+def test_epoch_speed_reports_rates_and_decodes_each_image_once(tmp_path, capsys):
+    """Loader (decoding, then from the store), model and whole epochs; with a loader worker,
+    the first epoch decodes every JPEG and the later ones none."""
+    argv = ["--model", "test-tiny-rn", "--images", "24", "--batch", "8", "--workers", "1"]
+    argv += ["--device", "cpu", "--folder", str(tmp_path / "jpegs"), "--json"]
+    assert epoch_speed.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["images"] == 24
-    for key in ("loader_images_per_s", "model_images_per_s", "epoch_images_per_s"):
+    rates = ["loader_cold_images_per_s", "loader_images_per_s", "model_images_per_s"]
+    for key in [*rates, "first_epoch_images_per_s", "epoch_images_per_s", "epoch_vs_model"]:
         assert record[key] > 0
+    assert record["loader_decodes"] == [24, 0] and record["decodes_per_epoch"] == [24, 0, 0]
+    assert record["bound_by"] in ("loader", "model") and record["finish_exact"] is None
     assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 24
+    assert epoch_speed.main([*argv, "--loader-only", "--epochs", "1"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["loader_decodes"] == [24, 0] and "model_images_per_s" not in record
 
 
 def test_batch_finish_compares_equal_batches(capsys):

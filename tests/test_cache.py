@@ -15,7 +15,7 @@ from ueo.adaptation import adapt
 from ueo.bench.suites import folder_suite
 from ueo.bench.sweep import Sweep, run_sweep
 from ueo.cache import ImageCache, split_transform
-from ueo.data import ImageDataset, ImageSet, load_image_set, make_loader
+from ueo.data import ImageDataset, ImageSet, collate, load_image_set, make_loader
 from ueo.names import UNLABELED
 from ueo.recipe import Recipe, Runtime
 
@@ -53,9 +53,9 @@ def photos(tmp_path):
 
 
 def through(cache: ImageCache, path: str, transform) -> torch.Tensor:
-    """One image as a loader gets it: the dataset's item, finished by the dataset's collate."""
+    """One image as a loader gets it: the dataset's item, batched, finished by the dataset."""
     dataset = ImageDataset(ImageSet([path], np.array([UNLABELED])), transform, cache)
-    return dataset.collate([dataset[0]])[0][0]
+    return dataset.finish(collate([dataset[0]])[0])[0]
 
 
 def test_cached_test_pixels_normalise_to_the_transform_output(photos, decodes):
@@ -110,8 +110,8 @@ def test_only_pil_chains_before_to_tensor_are_split():
 
 @pytest.mark.parametrize("make", [clip.train_transform, clip.test_transform])
 def test_batches_finished_at_once_equal_the_per_image_transform(photos, make):
-    """ToTensor's scaling and Normalize moved to the batch change no bit; the random crops
-    are drawn in the same order, from the same generator."""
+    """ToTensor's scaling and Normalize moved to the batch change no bit. Asked by plain index
+    (no epoch), the random crops are drawn from the global generator, in order."""
     transform = make(32)
     images = load_image_set(str(Path(photos[0]).parent), ["x"])
     torch.manual_seed(3)
@@ -119,8 +119,10 @@ def test_batches_finished_at_once_equal_the_per_image_transform(photos, make):
     batches = [x for _ in range(2) for x, _, _ in loader]
     torch.manual_seed(3)
     singles = [transform(ueo.images.open_rgb(p)) for _ in range(2) for p in images.paths]
-    assert all(b.dtype == torch.float32 for b in batches)
-    assert torch.equal(torch.cat(batches), torch.stack(singles))
+    assert all(b.dtype == torch.uint8 for b in batches)
+    finished = [loader.dataset.finish(b) for b in batches]
+    assert all(b.dtype == torch.float32 for b in finished)
+    assert torch.equal(torch.cat(finished), torch.stack(singles))
     assert ImageDataset(images, transform)[0][0].dtype == torch.uint8
 
 

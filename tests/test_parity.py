@@ -23,7 +23,7 @@ import ueo.adaptation
 import ueo.data
 from ueo.api import adapt, load_adapted, load_model, save_run
 from ueo.clip import load_clip
-from ueo.data import ImageDataset, ImageSet, load_image_set
+from ueo.data import ImageDataset, ImageSet, collate, load_image_set
 from ueo.io import load_adapter
 from ueo.model import UeoModel
 from ueo.recipe import Recipe, Runtime
@@ -99,7 +99,7 @@ def one_full_batch(model, images: ImageSet, **recipe) -> dict[str, torch.Tensor]
 def first_images(images, model, n: int) -> torch.Tensor:
     """The first `n` images through the model's test transform, as one batch."""
     dataset = ImageDataset(images, model.clip.test_transform())
-    return dataset.collate([dataset[i] for i in range(n)])[0]
+    return dataset.finish(collate([dataset[i] for i in range(n)])[0])
 
 
 def test_one_step_matches_the_script(image_folder, single_thread):
@@ -165,6 +165,7 @@ class RecordingLoader:
 
     def __init__(self, loader: DataLoader, seen: list[int]):
         self.loader, self.seen = loader, seen
+        self.dataset = loader.dataset
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -178,7 +179,7 @@ class RecordingLoader:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_order_and_one_load_per_image(image_folder, monkeypatch, workers, single_thread):
     """adapt() visits the images in the order of a plain DataLoader with a seeded
-    RandomSampler, whatever the number of workers, and decodes each image once per pass."""
+    RandomSampler, whatever the number of workers, and loads each image once per pass."""
     images = load_image_set(image_folder, CLASSES)
     n, epochs, batch, seed = len(images), 3, 8, 7
     seen: list[int] = []
@@ -191,10 +192,10 @@ def test_training_order_and_one_load_per_image(image_folder, monkeypatch, worker
     loads = mp.Array("i", n)  # shared with the worker processes
     real_getitem = ueo.data.ImageDataset.__getitem__
 
-    def counted(self, i):
+    def counted(self, key):
         with loads.get_lock():
-            loads[i] += 1
-        return real_getitem(self, i)
+            loads[key[1] if isinstance(key, tuple) else key] += 1  # training keys: (epoch, i)
+        return real_getitem(self, key)
 
     monkeypatch.setattr(ueo.data.ImageDataset, "__getitem__", counted)
     recipe = Recipe(epochs=epochs, batch_size=batch, seed=seed, lr_norm=0.0)

@@ -47,7 +47,7 @@ def all_paths(learner):
 def test_initial_prompts_equal_zeroshot_text(tiny, name):
     clip = tiny[name]
     learner = PromptLearner(clip.model, clip.tokenizer, CLASSES + MIXED)
-    assert learner.tower.standard_blocks  # so that forward() takes the fast path
+    assert learner.bucketed  # on the CPU, forward() takes the bucketed fast path
     expected = zeroshot_text(clip, CLASSES + MIXED)
     with torch.no_grad():
         for path, got in all_paths(learner).items():
@@ -100,6 +100,18 @@ def test_paths_agree_in_values_and_gradients(tiny, name, ctx_init):
         torch.testing.assert_close(grads[path], grads["reference"], atol=1e-5, rtol=1e-4)
     # The frozen tower gets no gradient.
     assert all(p.grad is None for p in clip.model.parameters())
+
+
+def test_one_call_path_off_the_cpu(tiny):
+    """Accelerators take the one-call path (kernel launches, not work, bound the text pass
+    there); the CPU the bucketed one. The two agree (test above)."""
+    clip = quiet_load("test-tiny-vit")
+    learner = PromptLearner(clip.model, clip.tokenizer, MIXED)
+    assert learner.bucketed
+    clip.model.to("meta")  # a model moved after it was built, as adapt() moves it
+    learner.to("meta")
+    assert not learner.bucketed
+    assert learner.forward().device.type == "meta"  # and it runs there
 
 
 def test_underscores_become_spaces(tiny):

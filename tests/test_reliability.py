@@ -145,12 +145,13 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, slo
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resumes_with_augmentation(tmp_path, slow_images):
-    """SIGTERM writes a checkpoint after the current batch; with workers=0 the augmentation's
-    random state is in it, so even an augmented run resumes exactly."""
+    """SIGTERM writes a checkpoint after the current batch. The augmentation is drawn from
+    (seed, epoch, image), so an augmented run resumes exactly, here with 2 loader workers
+    against a reference made without workers."""
     reference = tmp_path / "reference"
     assert main(adapt_argv(slow_images, reference, *RUN, "--quiet")) == 0
     out = tmp_path / "stopped"
-    argv = adapt_argv(slow_images, out, *RUN)
+    argv = adapt_argv(slow_images, out, *RUN, "--workers", "2")
     run = Cli(argv)
     run.wait_for(lambda: batches_done(run.err, 1, 3) >= 3)
     run.proc.send_signal(signal.SIGTERM)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +36,23 @@ from ueo.checkpoint import (
     sub,
     unpack_optimizer,
 )
-from ueo.data import BadImages, ImageSet, make_loader
+from ueo.data import BadImages, EpochOrder, ImageSet, make_loader
 from ueo.errors import UeoError
 from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
-from ueo.methods import TRAIN_MASK, Batch, Method, get_method
+from ueo.methods import TRAIN_MASK, Method, get_method
 from ueo.metrics import otsu_threshold
-from ueo.model import UeoModel, tuning
-from ueo.objectives import LOGIT_SCALE
+from ueo.model import UeoModel, frozen_weights_in, tuning
 from ueo.recipe import Recipe, Runtime
-from ueo.runtime import autocast, resolve_device, seed_everything
+from ueo.runtime import DTYPES, autocast, resolve_device, seed_everything
+from ueo.training import FINITE, StepGuard, training_step
 
 log = logging.getLogger("ueo")
 epoch_log = logging.getLogger("ueo.epochs")  # per-epoch lines; sweeps keep them off the terminal
+
+# On an accelerator, steps between two reads of the guard's verdicts (each read waits for the
+# device to finish its queued work); on a CPU every step is read.
+READ_EVERY = 25
 
 
 @dataclass
@@ -64,110 +69,7 @@ class AdaptResult:
     skipped_steps: int = 0
     identity: dict | None = None
     outputs: dict = field(default_factory=dict, repr=False)
-
-
-class NonFinite(Exception):
-    """A training step met a non-finite loss, gradient or tuned parameter (see `training_step`)."""
-
-
-class _EpochOrder(torch.utils.data.Sampler):
-    """The data order: one permutation per epoch from a generator of its own.
-
-    The generator's state at an epoch's start and the number of batches done in it give the
-    position in the data exactly, whatever the loader's workers do; `skip` samples are left
-    out of the next epoch's permutation, to continue an epoch a checkpoint interrupted.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n = n
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-        self.skip = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=self.generator).tolist()
-        # torch's RandomSampler draws a second (empty-sliced) permutation per pass; drawing it
-        # too keeps the order of a plain seeded loader from the second epoch on.
-        torch.randperm(self.n, generator=self.generator)
-        start, self.skip = self.skip, 0
-        yield from order[start:]
-
-
-def training_step(
-    model: UeoModel,
-    images: torch.Tensor,
-    fixed: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    method: Method,
-    recipe: Recipe,
-    scaler: torch.amp.GradScaler | None = None,
-    text: torch.Tensor | None = None,
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> float:
-    """One SGD step: logits = 100 * cos, the method's loss in fp32. Returns the loss.
-
-    `text` holds precomputed text features when the prompt is frozen; `encode` replaces
-    `model.image_features` (a compiled version of it, for instance). A non-finite loss or
-    gradient raises `NonFinite` before the step; a non-finite tuned parameter after it. With
-    fp16's `scaler`, non-finite gradients are the scaler's to skip, as usual.
-    """
-    device = images.device
-    encode = encode or model.image_features
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, recipe.precision):
-        if text is None:
-            text = model.text_features()
-        if any(p.requires_grad for p in model.norm_parameters(recipe.norm_layers).values()):
-            feats = encode(images)
-        else:
-            with torch.no_grad():
-                feats = encode(images)
-        logits = LOGIT_SCALE * (feats.float() @ text.float().t())
-    batch = Batch(
-        logits=logits.float(),
-        image_features=feats.float(),
-        text_features=text.float(),
-        fixed={k: v.to(device) for k, v in fixed.items()},
-        recipe=recipe,
-    )
-    loss = method.loss(batch)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise NonFinite(f"the loss ({value})")
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        bad = _nonfinite(optimizer, grads=True)
-        if bad:
-            raise NonFinite(f"the gradient of {bad}")
-        optimizer.step()
-    bad = _nonfinite(optimizer, grads=False)
-    if bad:
-        raise NonFinite(f"the tuned parameter {bad}")
-    return value
-
-
-def _nonfinite(optimizer: torch.optim.Optimizer, grads: bool) -> str | None:
-    """The first tuned tensor (or its gradient) holding NaN or Inf, as `group[index]`.
-
-    One check over all tensors at once (a step has dozens of small ones); only when it fails
-    are they searched one by one, for the name.
-    """
-    named = [
-        (f"{group.get('name', 'group')}[{i}]", p.grad if grads else p)
-        for group in optimizer.param_groups
-        for i, p in enumerate(group["params"])
-    ]
-    present = [t.detach().reshape(-1) for _, t in named if t is not None]
-    if not present or bool(torch.isfinite(torch.cat(present)).all()):
-        return None
-    return next(n for n, t in named if t is not None and not bool(torch.isfinite(t).all()))
+    timings: dict = field(default_factory=dict)
 
 
 def adapt(
@@ -199,16 +101,15 @@ def adapt(
         raise UeoError("The unlabeled set is empty.")
     if method.needs_labels and not unlabeled.labelled:
         raise UeoError(f"Method {method.name} uses labels; the unlabeled data carries none.")
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    identity = saved = None
-    if ckpt is not None:
-        identity = run_identity(
+    ck = _Checkpoints(Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None)
+    if ck.path is not None:
+        ck.identity = run_identity(
             model.clip.model_name, model.clip.pretrained, model.class_names, recipe, unlabeled, test
         )
-        if resume and ckpt.is_file():
-            saved = load_checkpoint(ckpt)
-            check_identity(ckpt, saved[1].get("identity", {}), identity)
-    start = time.perf_counter()
+        if resume and ck.path.is_file():
+            ck.saved = load_checkpoint(ck.path)
+            check_identity(ck.path, ck.saved[1].get("identity", {}), ck.identity)
+    clock = _Clock()
     seed_everything(recipe.seed)
     device = resolve_device(runtime.device)
     model.to(device)
@@ -221,51 +122,44 @@ def adapt(
             model, images, runtime, precision=recipe.precision, bad=bad, desc=desc, cache=cache
         )
 
-    zs = dict(zeroshot or {})
-    for name, images in sets.items():
-        if name not in zs:
-            zs[name] = run(images, f"zero-shot {name}")
-    for name, images in sets.items():
-        _require_readable(zs[name], images, name)
-    metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
-    curves = [{"epoch": 0, **metrics["zeroshot"]}]
-    history: list[dict] = []
-    final = zs
-    steps = _Steps()
-
     def evaluate_epoch(epoch: int) -> None:
         """Learning curves: the sets evaluated every `runtime.eval_every` epochs."""
         if runtime.eval_every and epoch % runtime.eval_every == 0 and epoch < recipe.epochs:
-            outs = {k: run(v, f"epoch {epoch} {k}") for k, v in sets.items()}
+            with clock("evaluation"):
+                outs = {k: run(v, f"epoch {epoch} {k}") for k, v in sets.items()}
             curves.append({"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}})
 
-    with tuning(model, recipe) as groups:
-        if method.trains and groups and recipe.epochs > 0:
-            fixed = {}
-            if saved is not None:
-                fixed = sub(saved[0], "fixed")
-            elif method.fixed is not None:
-                cos = torch.from_numpy(zs["unlabeled"].cos)
-                fixed = method.fixed(cos, torch.from_numpy(unlabeled.labels), recipe)
-            history = _train(
-                model,
-                unlabeled,
-                fixed,
-                groups,
-                method,
-                recipe,
-                runtime,
-                bad,
-                evaluate_epoch,
-                _Checkpointing(ckpt, identity, saved, curves, steps),
-                cache,
-            )
-    if history:
-        final = {k: run(v, f"adapted {k}") for k, v in sets.items()}
-        for name, out in final.items():
-            _require_finite(out, name)
+    trainer = None
+    with frozen_weights_in(model, DTYPES[recipe.precision]):
+        zs = dict(zeroshot or {})
+        with clock("zeroshot"):
+            for name, images in sets.items():
+                if name not in zs:
+                    zs[name] = run(images, f"zero-shot {name}")
+        for name, images in sets.items():
+            _require_readable(zs[name], images, name)
+        metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
+        curves = [{"epoch": 0, **metrics["zeroshot"]}]
+        final = zs
+        with tuning(model, recipe) as groups:
+            if method.trains and groups and recipe.epochs > 0:
+                if ck.saved is not None:
+                    fixed = sub(ck.saved[0], "fixed")
+                elif method.fixed is not None:
+                    cos = torch.from_numpy(zs["unlabeled"].cos)
+                    fixed = method.fixed(cos, torch.from_numpy(unlabeled.labels), recipe)
+                else:
+                    fixed = {}
+                trainer = _Trainer(model, unlabeled, fixed, groups, method, recipe, runtime, cache)
+                with clock("training"):
+                    trainer.run(bad, ck, curves, evaluate_epoch)
+        if trainer is not None:
+            with clock("evaluation"):
+                final = {k: run(v, f"adapted {k}") for k, v in sets.items()}
+            for name, out in final.items():
+                _require_finite(out, name)
     metrics["adapted"] = {k: metrics_of(final[k], v) for k, v in sets.items()}
-    if history:
+    if trainer is not None:
         curves.append({"epoch": recipe.epochs, **metrics["adapted"]})
     valid = final["unlabeled"].valid
     threshold = otsu_threshold(final["unlabeled"].score[valid])
@@ -275,13 +169,14 @@ def adapt(
         metrics=metrics,
         threshold=threshold,
         recipe=recipe,
-        history=history,
+        history=trainer.history if trainer else [],
         curves=curves,
-        wall_time_s=time.perf_counter() - start,
+        wall_time_s=clock.total(),
         skipped_images=len(bad),
-        skipped_steps=steps.skipped,
-        identity=identity,
+        skipped_steps=trainer.skipped if trainer else 0,
+        identity=ck.identity,
         outputs={"zeroshot": zs, "adapted": final},
+        timings=clock.phases(),
     )
 
 
@@ -304,20 +199,64 @@ def _require_finite(out: Outputs, name: str) -> None:
         )
 
 
-@dataclass
-class _Steps:
-    skipped: int = 0
+def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
+    """The model's prompt must be the one the recipe describes (it is built with the model)."""
+    prompt = model.prompt
+    if prompt.ctx_init != recipe.ctx_init.strip() or (
+        recipe.n_ctx is not None and recipe.n_ctx != prompt.n_ctx
+    ):
+        raise UeoError(
+            f"The model's prompt (ctx_init {prompt.ctx_init!r}, {prompt.n_ctx} tokens) is not "
+            f"the recipe's (ctx_init {recipe.ctx_init!r}, n_ctx {recipe.n_ctx}); build the model "
+            "with the recipe: load_model(..., recipe=recipe)."
+        )
+
+
+class _Clock:
+    """Where a run's wall time goes: seconds per phase (`with clock("training"): ...`); a
+    phase inside another counts for itself only."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.open: list[str] = []
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self.open.append(phase)
+        try:
+            yield
+        finally:
+            self.open.pop()
+            elapsed = time.perf_counter() - t0
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
+            if self.open:
+                self.seconds[self.open[-1]] = self.seconds.get(self.open[-1], 0.0) - elapsed
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase, and `other` for the rest of the run (seeding, fixed values...)."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other"] = round(self.total() - sum(self.seconds.values()), 3)
+        return out
 
 
 @dataclass
-class _Checkpointing:
-    """Where `_train` writes its checkpoints, what it resumes from, and what it carries."""
+class _Checkpoints:
+    """Where a run's checkpoint goes, the identity it carries, and the one it resumes from."""
 
     path: Path | None
-    identity: dict | None
-    saved: tuple[dict, dict] | None
-    curves: list[dict]
-    steps: _Steps
+    identity: dict | None = None
+    saved: tuple[dict, dict] | None = None
+
+    def kept(self) -> str:
+        """The end of an error message: where the last good checkpoint is, if there is one."""
+        if self.path is not None and self.path.is_file():
+            return f"; the last good checkpoint is kept in {self.path}"
+        return ""
 
 
 @contextmanager
@@ -342,93 +281,215 @@ def _stop_on_signals(enabled: bool) -> Iterator[dict]:
             signal.signal(s, h)
 
 
-def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
-    """The model's prompt must be the one the recipe describes (it is built with the model)."""
-    prompt = model.prompt
-    if prompt.ctx_init != recipe.ctx_init.strip() or (
-        recipe.n_ctx is not None and recipe.n_ctx != prompt.n_ctx
+class _Trainer:
+    """A training run: the data order and loader, plain SGD on a cosine schedule, the step's
+    guard, and what the run has recorded. `run` says what the run does, `epoch` what an epoch
+    does; `ueo.training.training_step` says what a step does."""
+
+    def __init__(
+        self,
+        model: UeoModel,
+        unlabeled: ImageSet,
+        fixed: dict[str, torch.Tensor],
+        groups: list[dict],
+        method: Method,
+        recipe: Recipe,
+        runtime: Runtime,
+        cache: ImageCache,
     ):
-        raise UeoError(
-            f"The model's prompt (ctx_init {prompt.ctx_init!r}, {prompt.n_ctx} tokens) is not "
-            f"the recipe's (ctx_init {recipe.ctx_init!r}, n_ctx {recipe.n_ctx}); build the model "
-            "with the recipe: load_model(..., recipe=recipe)."
+        self.model, self.method, self.recipe = model, method, recipe
+        self.device = resolve_device(runtime.device)
+        self.progress = runtime.progress
+        self.read_every = _read_every(self.device)
+        self.all_fixed = fixed  # what a checkpoint stores
+        images, fixed = _training_subset(unlabeled, fixed, method)
+        self.fixed = {k: v.to(self.device) for k, v in fixed.items()}
+        self.order = EpochOrder(len(images), recipe.seed, recipe.batch_size)
+        self.loader = make_loader(
+            images,
+            model.clip.train_transform()
+            if recipe.augment == "default"
+            else model.clip.test_transform(),
+            recipe.batch_size,
+            True,
+            workers_of(runtime),
+            self.device,
+            recipe.seed,
+            order=self.order,
+            cache=cache,
         )
+        self.batches = len(self.loader)
+        self.optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(recipe.epochs * self.batches, 1)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if recipe.precision == "fp16" else None
+        self.guard = StepGuard(self.optimizer, recipe.on_nonfinite)
+        text = None  # a frozen prompt's features, computed once
+        if not model.prompt.ctx.requires_grad:
+            with torch.no_grad(), autocast(self.device, recipe.precision):
+                text = model.text_features()
+        self.features = partial(model.cosines, precision=recipe.precision, text=text)
+        # Compiled for the full batch's shape; a last, smaller batch runs eagerly.
+        self.compiled = torch.compile(self.features, dynamic=False) if runtime.compile else None
+        self.first_epoch = 1
+        self.history: list[dict] = []
+        self.losses: list[float] = []  # the epoch's finite losses so far
+        self.lrs: list[dict[str, float]] = []  # the epoch's learning rates, first and last
+        self.skipped = 0
 
-
-def _train(
-    model,
-    unlabeled,
-    fixed,
-    groups,
-    method,
-    recipe,
-    runtime,
-    bad,
-    after_epoch,
-    ck: _Checkpointing,
-    cache: ImageCache | None,
-) -> list[dict]:
-    device = resolve_device(runtime.device)
-    all_fixed = fixed
-    if TRAIN_MASK in fixed:
-        keep = fixed[TRAIN_MASK].cpu().numpy().astype(bool)
-        if not keep.any():
-            raise UeoError(f"Method {method.name} selected no unlabeled image to train on.")
-        log.info("%s trains on %d of %d unlabeled images", method.name, keep.sum(), len(keep))
-        unlabeled = unlabeled.subset(keep)
-        fixed = {k: v[torch.from_numpy(keep)] for k, v in fixed.items()}
-    transform = (
-        model.clip.train_transform() if recipe.augment == "default" else model.clip.test_transform()
-    )
-    order = _EpochOrder(len(unlabeled), recipe.seed)
-    loader = make_loader(
-        unlabeled,
-        transform,
-        recipe.batch_size,
-        True,
-        workers_of(runtime),
-        device,
-        recipe.seed,
-        sampler=order,
-        cache=cache,
-    )
-    n_batches = len(loader)
-    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0)
-    total = recipe.epochs * n_batches
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
-    scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
-    history: list[dict] = []
-    losses: list[float] = []
-    first_epoch = 1
-    if ck.saved is not None:
+    def resume(self, ck: _Checkpoints, curves: list[dict]) -> None:
+        """Continue from a checkpoint: tuned tensors, optimiser, schedule, data order, RNGs."""
         tensors, meta = ck.saved
-        model.load_adapter_state(sub(tensors, "tuned"), recipe.norm_layers)
-        optimizer.load_state_dict(unpack_optimizer(tensors, meta["optimizer"]))
-        scheduler.load_state_dict(meta["scheduler"])
-        if scaler is not None and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        first_epoch, history, losses = meta["epoch"], meta["history"], meta["losses"]
-        ck.curves[:] = meta["curves"]
-        ck.steps.skipped = meta["skipped_steps"]
-        order.generator.set_state(tensors["order/epoch_start"])
-        order.skip = meta["batch"] * recipe.batch_size
+        self.model.load_adapter_state(sub(tensors, "tuned"), self.recipe.norm_layers)
+        self.optimizer.load_state_dict(unpack_optimizer(tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.first_epoch, self.history, self.losses = meta["epoch"], meta["history"], meta["losses"]
+        self.lrs = meta.get("lrs", [])
+        self.skipped = meta["skipped_steps"]
+        curves[:] = meta["curves"]
+        self.order.generator.set_state(tensors["order/epoch_start"])
+        self.order.skip = meta["batch"] * self.recipe.batch_size
         set_rng_state(tensors, meta["rng"])
-        log.info("resuming from %s at epoch %d, batch %d", ck.path, first_epoch, meta["batch"])
-    frozen_text = None
-    if not model.prompt.ctx.requires_grad:
-        with torch.no_grad(), autocast(device, recipe.precision):
-            frozen_text = model.text_features()
-    encode = torch.compile(model.image_features) if runtime.compile else None
-    tuned = [p for g in optimizer.param_groups for p in g["params"]]
+        log.info("resuming from %s at epoch %d, batch %d", ck.path, self.first_epoch, meta["batch"])
 
-    def checkpoint(epoch: int, batch: int, epoch_start: torch.Tensor) -> None:
+    def run(
+        self,
+        bad: BadImages,
+        ck: _Checkpoints,
+        curves: list[dict],
+        after_epoch: Callable[[int], None],
+    ) -> None:
+        """Every epoch from the first (or the checkpoint's), each ended by `end_epoch`."""
+        if ck.saved is not None:
+            self.resume(ck, curves)
+        with _stop_on_signals(ck.path is not None) as stop:
+            for epoch in range(self.first_epoch, self.recipe.epochs + 1):
+                last = self.epoch(epoch, bad, ck, curves, stop)
+                self.end_epoch(epoch, last, ck, curves, after_epoch)
+                if stop["signal"] is not None:
+                    raise _interrupted(stop, ck, epoch + 1, 0)
+
+    def epoch(
+        self, epoch: int, bad: BadImages, ck: _Checkpoints, curves: list[dict], stop: dict
+    ) -> torch.Tensor | None:
+        """One pass over the data in this epoch's order, a training step per batch. The
+        steps' verdicts are read every `read_every` steps; a signal checkpoints after the
+        current step and stops. Returns the epoch's last batch (for `end_epoch`'s check)."""
+        epoch_start = self.order.generator.get_state()
+        done = self.order.skip // self.recipe.batch_size
+        self.order.set_epoch(epoch)  # keys the epoch's augmentation draws
+        last = None
+        desc = f"epoch {epoch}/{self.recipe.epochs}"
+        with tqdm(
+            total=self.batches, initial=done, desc=desc, leave=False, disable=not self.progress
+        ) as bar:
+            for b, (x, idx, errors) in enumerate(self.loader, start=done + 1):
+                bar.update()
+                for i, msg in errors:
+                    bad.report(i, msg)
+                if x is not None:
+                    last = self.loader.dataset.finish(x.to(self.device, non_blocking=True))
+                    self.step(last, idx, (epoch, b))
+                if b % self.read_every == 0:
+                    self.settle(ck, bar)
+                if stop["signal"] is not None and b < self.batches:
+                    self.settle(ck, bar)
+                    self.checkpoint(ck, curves, epoch, b, epoch_start)
+                    raise _interrupted(stop, ck, epoch, b)
+            self.settle(ck, bar)
+        return last
+
+    def step(self, images: torch.Tensor, idx: torch.Tensor, where: tuple[int, int]) -> None:
+        """One guarded SGD step (ueo.training) and the schedule's step."""
+        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self.lrs = [self.lrs[0] if self.lrs else lrs, lrs]
+        idx = idx.to(self.device, non_blocking=True)
+        full = self.compiled is not None and len(images) == self.recipe.batch_size
+        training_step(
+            self.model,
+            images,
+            {k: v[idx] for k, v in self.fixed.items()},
+            self.optimizer,
+            self.method,
+            self.recipe,
+            scaler=self.scaler,
+            features=self.compiled if full else self.features,
+            guard=self.guard,
+            where=where,
+        )
+        self.scheduler.step()
+
+    def settle(self, ck: _Checkpoints, bar: tqdm) -> None:
+        """Read the guard's verdicts: keep the finite losses, count (and say) each skipped
+        step, or stop the run at the first non-finite one."""
+        for verdict in self.guard.read():
+            epoch, batch = verdict.where
+            if verdict.kind == FINITE:
+                self.losses.append(verdict.loss)
+                bar.set_postfix(loss=f"{verdict.loss:.4f}")
+            elif self.recipe.on_nonfinite == "skip":
+                self.skipped += 1
+                log.warning(
+                    "Skipped a step at epoch %d, batch %d: %s is not finite",
+                    epoch,
+                    batch,
+                    verdict.what,
+                )
+            else:
+                what = verdict.what[0].upper() + verdict.what[1:]
+                raise UeoError(
+                    f"{what} is not finite at epoch {epoch}, batch {batch}: stopped (lower the "
+                    f"learning rates, or --on-nonfinite skip){ck.kept()}."
+                )
+
+    def end_epoch(
+        self,
+        epoch: int,
+        last: torch.Tensor | None,
+        ck: _Checkpoints,
+        curves: list[dict],
+        after_epoch: Callable[[int], None],
+    ) -> None:
+        """Check the tuned tensors' outputs, record and log the epoch, evaluate if asked,
+        and checkpoint: the checkpoint of an epoch is always a good one."""
+        if last is not None:
+            self.check_outputs(last, epoch, ck)
+        mean = float(np.mean(self.losses)) if self.losses else None
+        lrs = {k: [self.lrs[0][k], self.lrs[-1][k]] for k in self.lrs[0]} if self.lrs else {}
+        self.history.append({"epoch": epoch, "loss": mean, "lr": lrs})
+        lr_text = " ".join(f"lr_{k}={a:.3g}..{b:.3g}" for k, (a, b) in lrs.items())
+        loss_text = f"{mean:.5f}" if mean is not None else "n/a"
+        epoch_log.info("epoch %d/%d loss %s %s", epoch, self.recipe.epochs, loss_text, lr_text)
+        with torch.no_grad():
+            after_epoch(epoch)
+        self.losses, self.lrs = [], []
+        self.checkpoint(ck, curves, epoch + 1, 0, self.order.generator.get_state())
+
+    def check_outputs(self, images: torch.Tensor, epoch: int, ck: _Checkpoints) -> None:
+        """Finite parameters can still overflow the forward pass: the epoch's last batch must
+        give finite outputs before the epoch's checkpoint is written."""
+        with torch.no_grad():
+            cos, _, _ = self.features(images)
+        if not bool(torch.isfinite(cos).all()):
+            raise UeoError(
+                f"The tuned parameters give non-finite outputs after epoch {epoch}: training "
+                f"diverged (lower the learning rates){ck.kept()}."
+            )
+
+    def checkpoint(
+        self, ck: _Checkpoints, curves: list[dict], epoch: int, batch: int, epoch_start
+    ) -> None:
         """The state after `batch` batches of `epoch` (epoch + 1, 0 at an epoch's end)."""
         if ck.path is None:
             return
-        opt_tensors, opt_state = pack_optimizer(optimizer.state_dict())
+        opt_tensors, opt_state = pack_optimizer(self.optimizer.state_dict())
         rng_tensors, rng_json = rng_state()
-        tensors = {f"tuned/{k}": v for k, v in model.adapter_state(recipe.norm_layers).items()}
-        tensors.update({f"fixed/{k}": v for k, v in all_fixed.items()})
+        tuned = self.model.adapter_state(self.recipe.norm_layers)
+        tensors = {f"tuned/{k}": v for k, v in tuned.items()}
+        tensors.update({f"fixed/{k}": v for k, v in self.all_fixed.items()})
         tensors.update(opt_tensors)
         tensors.update(rng_tensors)
         tensors["order/epoch_start"] = epoch_start
@@ -436,115 +497,42 @@ def _train(
             "identity": ck.identity,
             "epoch": epoch,
             "batch": batch,
-            "batches_per_epoch": n_batches,
-            "losses": losses,
-            "history": history,
-            "curves": ck.curves,
-            "skipped_steps": ck.steps.skipped,
+            "batches_per_epoch": self.batches,
+            "losses": self.losses,
+            "lrs": self.lrs,
+            "history": self.history,
+            "curves": curves,
+            "skipped_steps": self.skipped,
             "optimizer": opt_state,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_json,
         }
         save_checkpoint(ck.path, tensors, state)
 
-    def interrupted(stop: dict, epoch: int, batch: int) -> Interrupted:
-        name = signal.Signals(stop["signal"]).name
-        where = f"epoch {epoch}, batch {batch}" if batch else f"the start of epoch {epoch}"
-        log.warning("%s: checkpoint written at %s (%s); resume with --resume", name, where, ck.path)
-        return Interrupted(f"interrupted by {name}; checkpoint at {where}, resume with --resume")
 
-    with _stop_on_signals(ck.path is not None) as stop:
-        for epoch in range(first_epoch, recipe.epochs + 1):
-            epoch_start = order.generator.get_state()
-            done = order.skip // recipe.batch_size
-            last = None
-            if epoch != first_epoch:
-                losses = []
-            desc = f"epoch {epoch}/{recipe.epochs}"
-            with tqdm(
-                total=n_batches, initial=done, desc=desc, leave=False, disable=not runtime.progress
-            ) as bar:
-                for b, (x, idx, errors) in enumerate(loader, start=done + 1):
-                    bar.update()
-                    for i, msg in errors:
-                        bad.report(i, msg)
-                    if x is not None:
-                        last = x
-                        loss = _guarded_step(
-                            model,
-                            x.to(device, non_blocking=True),
-                            {k: v[idx] for k, v in fixed.items()},
-                            optimizer,
-                            method,
-                            recipe,
-                            scaler,
-                            frozen_text,
-                            encode,
-                            tuned,
-                            (epoch, b, ck),
-                        )
-                        scheduler.step()
-                        if loss is not None:
-                            losses.append(loss)
-                            bar.set_postfix(loss=f"{loss:.4f}")
-                    if stop["signal"] is not None and b < n_batches:
-                        checkpoint(epoch, b, epoch_start)
-                        raise interrupted(stop, epoch, b)
-            if last is not None:
-                _check_outputs(model, last.to(device), frozen_text, encode, recipe, epoch, ck)
-            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "lr": lrs}
-            history.append(record)
-            lr_text = " ".join(f"lr_{k}={v:.3g}" for k, v in lrs.items())
-            loss_text = f"{record['loss']:.5f}" if losses else "n/a"
-            epoch_log.info("epoch %d/%d loss %s %s", epoch, recipe.epochs, loss_text, lr_text)
-            with torch.no_grad():
-                after_epoch(epoch)
-            losses = []
-            checkpoint(epoch + 1, 0, order.generator.get_state())
-            if stop["signal"] is not None:
-                raise interrupted(stop, epoch + 1, 0)
-    return history
+def _read_every(device: torch.device) -> int:
+    """Steps between reads of the guard's verdicts: every step on a CPU, where a read costs
+    nothing; `READ_EVERY` on an accelerator, where each read waits for its queued work."""
+    return 1 if device.type == "cpu" else READ_EVERY
 
 
-def _check_outputs(model, images, text, encode, recipe, epoch, ck) -> None:
-    """Finite parameters can still overflow the forward pass: before an epoch's checkpoint,
-    the epoch's last batch must give finite outputs, so that a checkpoint is always good."""
-    device = images.device
-    with torch.no_grad(), autocast(device, recipe.precision):
-        feats = (encode or model.image_features)(images)
-        cos = feats.float() @ (model.text_features() if text is None else text).float().t()
-    if not bool(torch.isfinite(cos).all()):
-        raise UeoError(
-            f"The tuned parameters give non-finite outputs after epoch {epoch}: training "
-            f"diverged (lower the learning rates){_kept(ck)}."
-        )
+def _training_subset(
+    unlabeled: ImageSet, fixed: dict[str, torch.Tensor], method: Method
+) -> tuple[ImageSet, dict[str, torch.Tensor]]:
+    """The images a method trains on: all, or those its fixed `TRAIN_MASK` keeps."""
+    if TRAIN_MASK not in fixed:
+        return unlabeled, fixed
+    keep = fixed[TRAIN_MASK].cpu().numpy().astype(bool)
+    if not keep.any():
+        raise UeoError(f"Method {method.name} selected no unlabeled image to train on.")
+    log.info("%s trains on %d of %d unlabeled images", method.name, keep.sum(), len(keep))
+    mask = torch.from_numpy(keep)
+    return unlabeled.subset(keep), {k: v[mask] for k, v in fixed.items()}
 
 
-def _kept(ck: _Checkpointing) -> str:
-    if ck.path is not None and ck.path.is_file():
-        return f"; the last good checkpoint is kept in {ck.path}"
-    return ""
-
-
-def _guarded_step(model, x, fixed, optimizer, method, recipe, scaler, text, encode, tuned, where):
-    """`training_step` under the recipe's non-finite policy: stop the run, or undo the step."""
-    epoch, batch, ck = where
-    before = [p.detach().clone() for p in tuned] if recipe.on_nonfinite == "skip" else None
-    try:
-        return training_step(model, x, fixed, optimizer, method, recipe, scaler, text, encode)
-    except NonFinite as exc:
-        if before is None:
-            raise UeoError(
-                f"{str(exc)[0].upper()}{str(exc)[1:]} is not finite at epoch {epoch}, batch "
-                f"{batch}: stopped (lower the learning rates, or --on-nonfinite skip)"
-                f"{_kept(ck)}."
-            ) from None
-        with torch.no_grad():
-            for p, value in zip(tuned, before, strict=True):
-                p.copy_(value)
-        optimizer.zero_grad(set_to_none=True)
-        ck.steps.skipped += 1
-        log.warning("Skipped a step at epoch %d, batch %d: %s is not finite", epoch, batch, exc)
-        return None
+def _interrupted(stop: dict, ck: _Checkpoints, epoch: int, batch: int) -> Interrupted:
+    name = signal.Signals(stop["signal"]).name
+    where = f"epoch {epoch}, batch {batch}" if batch else f"the start of epoch {epoch}"
+    log.warning("%s: checkpoint written at %s (%s); resume with --resume", name, where, ck.path)
+    return Interrupted(f"interrupted by {name}; checkpoint at {where}, resume with --resume")

@@ -1,35 +1,47 @@
-"""Decode once, and do per image only what differs per image.
+"""Decode each image once per run, in memory every loader process shares; per image only what
+differs per image.
 
 A transform of the form `[PIL ops..., ToTensor, Normalize]` is split in two (`split_transform`):
-the PIL ops run per image and give uint8 pixels; ToTensor's division by 255 and the
-normalisation run once per batch (`Split.finish`). They are elementwise, so a batch gets the
-very numbers the per-image transform gives, at a fraction of the per-image overhead.
+the PIL ops run per image and give uint8 pixels, which stay uint8 through the loader, the
+worker-to-main queue and the copy to the device; ToTensor's division by 255 and the
+normalisation then run once per batch, where the batch is (`Split.finish`). They are elementwise
+IEEE operations, so a batch gets the very numbers the per-image transform gives, on any device.
 
-Evaluation's PIL ops (resize, centre crop) are deterministic: their uint8 output is the same
-at every pass, so it is kept per image. A training transform draws random numbers
-(RandomResizedCrop, flip); only the decoded RGB image is kept, and the random operations run on
-it at every epoch, as on a freshly decoded image: the same draws give the same crops, so
-caching changes no number.
+`ImageCache` keeps the decoded RGB images (`ueo.images.open_rgb`) of a run, and the uint8 output
+of evaluation's deterministic PIL ops (resize, centre crop), in anonymous shared memory made by
+the main process: DataLoader workers are forked from it and map the same pages, so an image
+decoded by any process (the zero-shot pass's workers, which end with that pass, the main
+process, a training worker) is there for every other, in one copy. A training transform's random
+operations (RandomResizedCrop, flip) run on the stored image at every epoch, as on a freshly
+decoded one: caching changes no number.
 
-Entries are stored until the byte budget is spent; an image beyond it is decoded each time it
-is used (no eviction: a pass visits every image, and evicting under such a scan would decode
-everything again anyway). Data-loading worker processes each fill their own copy, which lives
-as long as the worker (a training loader's workers last for the whole run).
+Entries are stored until the byte budget is spent; an image beyond it is decoded each time it is
+used (no eviction: a pass visits every image, and evicting under such a scan would decode
+everything again anyway). Memory is taken as images arrive (the pages of an anonymous mapping
+are given on first write), so no header scan is needed up front: on a large set on network
+storage that scan alone would cost what decoding once saves. A worker started by 'spawn' or
+'forkserver' (macOS, Windows) cannot map the parent's memory: it gets a private store, as every
+worker had before the store was shared (`__setstate__`).
 """
 
 from __future__ import annotations
 
+import mmap
+import multiprocessing
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from ueo import images
 
-DEFAULT_BUDGET = 2 << 30  # bytes
+MAX_BUDGET = 16 << 30  # bytes: the shared store's default cap
+PRIVATE_BUDGET = 2 << 30  # bytes: the cap of a spawned worker's private store
 DETERMINISTIC_OPS = (T.Resize, T.CenterCrop)
 # PIL ops that keep an RGB image RGB: after them, pil_to_tensor gives ToTensor's uint8 input.
 PIL_OPS = (
@@ -39,15 +51,35 @@ PIL_OPS = (
     T.RandomHorizontalFlip,
     T.RandomVerticalFlip,
 )
+# One row of the shared table per stored array: its state, where its bytes are, its shape.
+EMPTY, WRITING, READY = 0, 1, 2
+STATE, OFFSET, NBYTES, SHAPE = 0, 1, 2, slice(3, 6)
+ROW = 6
+TABLE_ROWS = 4096  # rows added at a time
+USED, DECODES, STORED = 0, 1, 2  # the shared counters
 
 
 def default_budget() -> int:
-    """2 GiB, or a quarter of the machine's memory when that is less."""
+    """A quarter of the memory this process may use (cgroup limit included), at most 16 GiB."""
+    memory = available_memory()
+    return MAX_BUDGET if memory is None else min(MAX_BUDGET, memory // 4)
+
+
+def available_memory() -> int | None:
+    """Physical memory, capped by a cgroup v2 `memory.max` (or v1 limit); None if unknown."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return DEFAULT_BUDGET
-    return min(DEFAULT_BUDGET, memory // 4)
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            memory = min(memory, int(value))
+    return memory
 
 
 @dataclass(frozen=True)
@@ -56,6 +88,23 @@ class Split:
 
     ops: tuple
     normalize: T.Normalize | None
+    key: str = field(init=False, compare=False, repr=False)
+    _constants: dict = field(init=False, compare=False, repr=False, default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "key", repr(self.ops))  # names the ops' output in the cache
+        if self.normalize is not None and any(s == 0 for s in self.normalize.std):
+            raise ValueError(f"{self.normalize}: a std of 0 would divide by zero.")
+
+    def __getstate__(self) -> dict:
+        """Pickled without the device constants (a spawned worker makes its own)."""
+        return {"ops": self.ops, "normalize": self.normalize}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "ops", state["ops"])
+        object.__setattr__(self, "normalize", state["normalize"])
+        object.__setattr__(self, "_constants", {})
+        self.__post_init__()
 
     @property
     def deterministic(self) -> bool:
@@ -68,11 +117,33 @@ class Split:
         return T.functional.pil_to_tensor(img)
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels (one image or a batch) to the tensor the whole transform gives."""
-        x = pixels.to(torch.get_default_dtype()).div(255)
+        """uint8 pixels (one image or a batch, on any device) to what the whole transform gives.
+
+        ToTensor's `x / 255` and Normalize's `(x - mean) / std`, each one IEEE operation per
+        element, so the result is bit for bit the per-image transform's on a CPU or a GPU. The
+        divisors are tensors on the pixels' device: CUDA multiplies by the reciprocal of a
+        Python-number divisor, which differs from `x / 255` for 126 of the 256 values. They are
+        made once per device (no copy, hence no synchronisation, per batch).
+        """
+        x = pixels.to(torch.get_default_dtype())
+        scale, mean, std = self._on(x.device, x.dtype)
+        x = x.div_(scale)
         if self.normalize is None:
             return x
-        return T.functional.normalize(x, self.normalize.mean, self.normalize.std, inplace=True)
+        return x.sub_(mean).div_(std)
+
+    def _on(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        """255, the mean and the std as `dtype` tensors on `device` (what Normalize builds)."""
+        key = (str(device), dtype)
+        if key not in self._constants:
+            scale = torch.full((), 255, dtype=dtype, device=device)
+            mean = std = None
+            if self.normalize is not None:
+                mean = torch.as_tensor(self.normalize.mean, dtype=dtype).view(-1, 1, 1)
+                std = torch.as_tensor(self.normalize.std, dtype=dtype).view(-1, 1, 1)
+                mean, std = mean.to(device), std.to(device)
+            self._constants[key] = scale, mean, std
+        return self._constants[key]
 
 
 def split_transform(transform) -> Split | None:
@@ -90,56 +161,134 @@ def split_transform(transform) -> Split | None:
     return Split(tuple(pixel_ops), tail[0] if tail else None)
 
 
+def _shared(nbytes: int) -> mmap.mmap:
+    """Anonymous memory that processes forked after this call share (pages given on write)."""
+    if os.name == "nt":
+        return mmap.mmap(-1, nbytes)
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0))
+
+
 class ImageCache:
     """Decoded images and test-transform pixels of the images a run uses (module docstring).
 
-    `budget` bytes at most (default `default_budget()`); 0 keeps nothing. `decodes` counts the
-    images decoded through this cache.
+    Made in the main process before any loader that uses it starts its workers. `budget`
+    bytes at most (default `default_budget()`); 0 keeps nothing. `decodes` counts the images
+    decoded through this store by every process that shares it; `used` and `len()` are the
+    bytes and arrays stored.
+
+    Each stored array has a row in a shared table (its state, offset and shape); the rows are
+    assigned by the process that made the store (`register`, called by `ImageDataset` when a
+    loader is built), so a worker forked afterwards knows where every image of its set goes.
+    A lock orders the claims and the ready flags; an array is written once and never moves.
     """
 
     def __init__(self, budget: int | None = None):
-        self.budget = default_budget() if budget is None else budget
-        self.used = 0
-        self.decodes = 0
-        self._decoded: dict[str, Image.Image] = {}
-        self._pixels: dict[tuple[str, str], torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self._decoded) + len(self._pixels)
+        self.budget = default_budget() if budget is None else int(budget)
+        self._owner = os.getpid()
+        self._lock = multiprocessing.Lock()
+        self._counters = np.frombuffer(_shared(3 * 8), np.int64)
+        self._arena = _shared(self.budget) if self.budget > 0 else None
+        self._rows: dict[Hashable, tuple[np.ndarray, int]] = {}
+        self._table = np.zeros((0, ROW), np.int64)
+        self._free = 0  # rows of `_table` not yet assigned
 
     def __getstate__(self) -> dict:
-        """A worker process started by pickling gets an empty cache of the same budget."""
+        """A worker started by pickling ('spawn', 'forkserver') cannot map this memory."""
         return {"budget": self.budget}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["budget"])
+        """...so it gets a private store of its own, capped as a worker's store was before."""
+        self.__init__(min(state["budget"], PRIVATE_BUDGET))
 
-    def _fits(self, nbytes: int) -> bool:
-        if self.used + nbytes > self.budget:
-            return False
-        self.used += nbytes
-        return True
+    def __len__(self) -> int:
+        return int(self._counters[STORED])
+
+    @property
+    def used(self) -> int:
+        return int(self._counters[USED])
+
+    @property
+    def decodes(self) -> int:
+        return int(self._counters[DECODES])
+
+    def register(self, paths: Iterable[str], split: Split | None = None) -> None:
+        """Rows for the decoded images of `paths` (and their pixels under `split`, when its ops
+        are deterministic), so that loader workers forked from now on can store them."""
+        if self._arena is None:
+            return
+        keys = list(paths)
+        if split is not None and split.deterministic:
+            keys += [(path, split.key) for path in keys]
+        for key in keys:
+            self._row(key)
+
+    def _row(self, key: Hashable) -> tuple[np.ndarray, int] | None:
+        """The table row of `key`; assigned here only in the process that made the store (a
+        worker's rows were assigned before it was forked)."""
+        row = self._rows.get(key)
+        if row is None and self._arena is not None and os.getpid() == self._owner:
+            if not self._free:
+                self._table = np.frombuffer(_shared(TABLE_ROWS * ROW * 8), np.int64)
+                self._table = self._table.reshape(TABLE_ROWS, ROW)
+                self._free = TABLE_ROWS
+            row = self._rows[key] = (self._table, TABLE_ROWS - self._free)
+            self._free -= 1
+        return row
+
+    def _get(self, key: Hashable) -> np.ndarray | None:
+        """The stored array of `key` (read-only, shared), or None if it is not stored."""
+        row = self._rows.get(key)
+        if row is None:
+            return None
+        table, i = row
+        with self._lock:  # the writer set READY under the lock, after writing the bytes
+            state, offset, nbytes, *shape = table[i].tolist()
+        if state != READY:
+            return None
+        stored = np.frombuffer(self._arena, np.uint8, nbytes, offset).reshape(shape)
+        stored.flags.writeable = False
+        return stored
+
+    def _put(self, key: Hashable, array: np.ndarray) -> None:
+        """Store `array` (uint8, 3-D) under `key` if it has a row and fits in the budget."""
+        row = self._row(key)
+        if row is None:
+            return
+        table, i = row
+        with self._lock:
+            used = int(self._counters[USED])
+            if table[i, STATE] != EMPTY or used + array.nbytes > self.budget:
+                return
+            self._counters[USED] = used + array.nbytes
+            table[i, STATE] = WRITING
+        np.frombuffer(self._arena, np.uint8, array.nbytes, used)[:] = array.reshape(-1)
+        with self._lock:
+            table[i, OFFSET], table[i, NBYTES] = used, array.nbytes
+            table[i, SHAPE] = array.shape
+            table[i, STATE] = READY
+            self._counters[STORED] += 1
 
     def image(self, path: str) -> Image.Image:
-        """The decoded RGB image (`ueo.images.open_rgb`); callers must not modify it."""
-        img = self._decoded.get(path)
-        if img is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img = images.open_rgb(path)
-            self.decodes += 1
-            if self._fits(img.width * img.height * len(img.getbands())):
-                self._decoded[path] = img
+        """The decoded RGB image (`ueo.images.open_rgb`), decoded once for every process."""
+        stored = self._get(path)
+        if stored is not None:
+            return Image.fromarray(stored)  # RGB is copied: the store is never written through
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = images.open_rgb(path)
+        with self._lock:
+            self._counters[DECODES] += 1
+        if img.mode == "RGB":
+            self._put(path, np.asarray(img))
         return img
 
     def pixels(self, path: str, split: Split) -> torch.Tensor:
         """`split.pixels(open_rgb(path))`, kept when the split's ops are deterministic."""
         if not split.deterministic:
             return split.pixels(self.image(path))
-        key = (path, repr(split.ops))
-        pixels = self._pixels.get(key)
-        if pixels is None:
-            pixels = split.pixels(self.image(path)).contiguous()
-            if self._fits(pixels.numel()):
-                self._pixels[key] = pixels
+        stored = self._get((path, split.key))
+        if stored is not None:
+            return torch.from_numpy(stored.copy())
+        pixels = split.pixels(self.image(path)).contiguous()
+        self._put((path, split.key), pixels.numpy())
         return pixels

@@ -11,10 +11,10 @@ from tqdm.auto import tqdm
 from ueo.cache import ImageCache
 from ueo.data import BadImages, ImageSet, make_loader
 from ueo.metrics import compute_metrics
-from ueo.model import UeoModel
+from ueo.model import UeoModel, frozen_weights_in
 from ueo.objectives import mcm_score
 from ueo.recipe import Runtime
-from ueo.runtime import autocast, default_workers, resolve_device
+from ueo.runtime import DTYPES, autocast, default_workers, resolve_device
 
 
 @dataclass
@@ -48,15 +48,16 @@ def infer(
     desc: str = "infer",
     cache: ImageCache | None = None,
 ) -> Outputs:
-    """Cosine similarities of every image to every known class, with the test transform.
+    """Cosine similarities of every image to every known class, with the test transform;
+    both towers under `precision`'s autocast, the cosines in fp32 (`UeoModel.cosines`).
 
     The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
-    the test transform's pixels for the next pass over the same images (ueo.cache).
+    the decoded images and the test transform's pixels for the next pass over the same images
+    (ueo.cache). Batches cross to the device as uint8 and are finished there.
     """
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
     bad = bad if bad is not None else BadImages(runtime.on_bad_image)
-    text = model.text_features()
     cos = np.full((len(images), model.prompt.num_classes), np.nan, dtype=np.float32)
     valid = np.zeros(len(images), dtype=bool)
     loader = make_loader(
@@ -68,16 +69,21 @@ def infer(
         device,
         cache=cache,
     )
-    with tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar:
+    with (
+        frozen_weights_in(model, DTYPES[precision]),
+        tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar,
+    ):
+        with autocast(device, precision):
+            text = model.text_features()
         for x, idx, errors in loader:
             bar.update()
             for i, msg in errors:
                 bad.report(i, msg)
             if x is None:
                 continue
-            with autocast(device, precision):
-                out = model(x.to(device, non_blocking=True), text)
-            cos[idx.numpy()] = out.float().cpu().numpy()
+            x = loader.dataset.finish(x.to(device, non_blocking=True))
+            out, _, _ = model.cosines(x, precision, text)
+            cos[idx.numpy()] = out.cpu().numpy()
             valid[idx.numpy()] = True
     return Outputs(cos, valid)
 

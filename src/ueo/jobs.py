@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from ueo import __version__
@@ -66,6 +67,7 @@ def adapt_job(
     out = check_output_dir(out)
     check_model(model, pretrained)
     staging = _prepare_run_dir(out, resume, overwrite)
+    start = time.perf_counter()
     with captured_log() as buffer:
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
         unlabeled = load_image_set(data, names, data_root)
@@ -91,10 +93,12 @@ def adapt_job(
             channels_last=runtime.channels_last,
         )
         staging.mkdir(parents=True, exist_ok=True)
+        startup = time.perf_counter() - start  # reading the lists, loading the model
         with logged_to(staging / LOG_FILE, buffer.getvalue()):
             result = adapt(
                 net, unlabeled, recipe, runtime, test=test, checkpoint_dir=staging, resume=resume
             )
+            result.timings = {"startup": round(startup, 3), **result.timings}
             record = save_run(
                 staging, net, result, {"data": str(data), "test_data": test_data and str(test_data)}
             )

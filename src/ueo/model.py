@@ -24,6 +24,7 @@ from ueo.clip import LoadedClip
 from ueo.errors import UeoError
 from ueo.prompts import PromptLearner
 from ueo.recipe import DEFAULT_CTX_INIT, NORM_LAYERS, Recipe
+from ueo.runtime import autocast
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 CTX_NAME = "prompt.ctx"
@@ -96,6 +97,28 @@ class UeoModel(nn.Module):
         text = self.text_features() if text is None else text
         return self.image_features(images) @ text.t()
 
+    def cosines(
+        self, images: torch.Tensor, precision: str = "fp32", text: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cosines, image features and text features of a batch, all fp32: the forward pass
+        of training and inference.
+
+        The towers run under `precision`'s autocast; the cosines are taken in fp32 from the
+        features, so that a low precision touches the towers only. `text`: precomputed text
+        features (a frozen prompt's). The image tower runs without autograd when none of its
+        parameters is tuned.
+        """
+        image_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.net.visual.parameters()
+        )
+        with autocast(images.device, precision):
+            if text is None:
+                text = self.text_features()
+            with torch.set_grad_enabled(image_grad):
+                feats = self.image_features(images)
+        feats, text = feats.float(), text.float()
+        return feats @ text.t(), feats, text
+
     def adapter_state(self, norm_layers: str = "reference") -> dict[str, torch.Tensor]:
         """The tuned tensors under self-describing names (the model's own parameter names)."""
         state = {CTX_NAME: self.prompt.ctx.detach()}
@@ -146,6 +169,49 @@ def collect_params(model: UeoModel, recipe: Recipe) -> list[dict]:
     if recipe.lr_norm > 0 and norm:
         groups.append({"name": "norm", "params": norm, "lr": recipe.lr_norm})
     return groups
+
+
+# Modules whose every weight autocast casts to the low precision at each call: matrix products
+# and convolutions. Normalisation layers are left alone (autocast runs them in fp32, and their
+# affines may be tuned), as are embeddings added elementwise.
+LOW_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+BARE_PROJECTIONS = ("text_projection", "visual.proj")  # open_clip's `x @ proj` parameters
+
+
+def autocast_weights(net: nn.Module) -> list[nn.Parameter]:
+    """The frozen parameters that autocast casts at every use (see LOW_PRECISION_MODULES)."""
+    found = {}
+    for module in net.modules():
+        if isinstance(module, LOW_PRECISION_MODULES):
+            for p in module.parameters(recurse=False):
+                found[id(p)] = p
+    for name, p in net.named_parameters():
+        if name in BARE_PROJECTIONS:
+            found[id(p)] = p
+    return [p for p in found.values() if not p.requires_grad]
+
+
+@contextmanager
+def frozen_weights_in(model: UeoModel, dtype: torch.dtype | None):
+    """Hold the frozen matmul and convolution weights in `dtype` for the block.
+
+    Autocast caches its casts only for leaf tensors that require gradients, so it casts every
+    frozen weight again at every op (~870 copies per RN50 step). Cast once here, autocast finds
+    them in its precision and casts nothing: the values it computes with are the same, so the
+    numbers are too. Only inside autocast to `dtype`: an fp32 op would reject them. The fp32
+    originals are put back when the block ends, even on error.
+    """
+    if dtype is None:
+        yield
+        return
+    originals = [(p, p.data) for p in autocast_weights(model.net)]
+    try:
+        for p, data in originals:
+            p.data = data.to(dtype)
+        yield
+    finally:
+        for p, data in originals:
+            p.data = data
 
 
 @contextmanager

@@ -10,6 +10,11 @@ the end-of-text position, three shortcuts change nothing numerically:
   once per layer and shared by all classes;
 * in the last layer only the end-of-text position is read, so only that query is computed.
 
+On a CPU all three pay. On a GPU the text pass is bound by launching kernels, not by their
+work (a 10-token pass costs as much as a 77-token one), so the many small calls of the
+bucketed path cost more than they save: there every prompt goes through the tower in one
+call, cut after the longest end-of-text token (docs/performance.md). Both are exact.
+
 `reference_features` keeps the plain full-length computation for tests and benchmarks.
 """
 
@@ -50,15 +55,27 @@ class TextTower:
             raise UeoError(
                 "The text transformer has no causal mask; prompts need causal attention."
             )
+        self.module = tower
         self.token_embedding = tower.token_embedding
-        self.positional_embedding = tower.positional_embedding
         self.transformer = tower.transformer
         self.ln_final = tower.ln_final
-        self.projection = tower.text_projection
-        self.attn_mask = tower.attn_mask
-        self.context_length = self.positional_embedding.shape[0]
+        self.context_length = tower.positional_embedding.shape[0]
         self.blocks = list(self.transformer.resblocks)
         self.standard_blocks = all(_is_standard_block(b) for b in self.blocks)
+
+    # Tensors held directly by the tower are read from it at each use: `Module.to` may replace
+    # them (buffers always, parameters on some devices), and the model is moved after it is built.
+    @property
+    def attn_mask(self) -> torch.Tensor:
+        return self.module.attn_mask
+
+    @property
+    def positional_embedding(self) -> torch.Tensor:
+        return self.module.positional_embedding
+
+    @property
+    def projection(self) -> torch.Tensor | nn.Module | None:
+        return self.module.text_projection
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """ln_final is applied by the caller; this is the projection to the joint space."""
@@ -160,9 +177,15 @@ class PromptLearner(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """Normalised text features, classes x embed_dim, differentiable w.r.t. `ctx`."""
-        if self.fast and self.tower.standard_blocks:
+        if self.bucketed:
             return F.normalize(self._fast_features(), dim=-1)
         return F.normalize(self._truncated_features(), dim=-1)
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether `forward` runs the bucketed, shared-prefix path (on a CPU) rather than one
+        call cut at the longest prompt (on an accelerator; see the module docstring)."""
+        return self.fast and self.tower.standard_blocks and self.ctx.device.type == "cpu"
 
     def reference_features(self) -> torch.Tensor:
         """The plain computation: full-length prompts through the tower's own transformer."""

@@ -27,6 +27,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_SEED = 2023
 MAX_SEED = 2**63 - 1  # torch and numpy generators take any seed up to this
+FLOAT32_MAX = 3.4028234663852886e38  # a learning rate multiplies fp32 gradients
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ class Recipe:
         _check_int("epochs", self.epochs, 0)
         _check_int("batch-size", self.batch_size, 1)
         _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_float("lr-prompt", self.lr_prompt)
-        _check_float("lr-norm", self.lr_norm)
+        _check_float("lr-prompt", self.lr_prompt, FLOAT32_MAX)
+        _check_float("lr-norm", self.lr_norm, FLOAT32_MAX)
         _check_float("trade", self.trade)
         _check_choice("augment", self.augment, AUGMENTATIONS)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -144,11 +145,13 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise UeoError(f"--{name} must be an integer <= {high}, not {value!r}.")
 
 
-def _check_float(name: str, value) -> None:
+def _check_float(name: str, value, high: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UeoError(f"--{name} must be a number, not {value!r}.")
     if not math.isfinite(value) or value < 0:
         raise UeoError(f"--{name} must be a finite number >= 0, not {value!r}.")
+    if high is not None and value > high:
+        raise UeoError(f"--{name} must be at most {high:.4g} (fp32's range), not {value!r}.")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:

@@ -54,7 +54,8 @@ def save_run(
 
 
 def run_record(model: UeoModel, result: AdaptResult, extra: dict | None = None) -> dict:
-    """The content of metrics.json: metrics before and after, recipe, cost."""
+    """The content of metrics.json: metrics before and after, recipe, cost (`timings_s`: where
+    the wall time went, per phase)."""
     return {
         "ueo_version": __version__,
         "model": model.clip.model_name,
@@ -69,6 +70,7 @@ def run_record(model: UeoModel, result: AdaptResult, extra: dict | None = None) 
         "history": result.history,
         "curves": result.curves,
         "wall_time_s": round(result.wall_time_s, 3),
+        "timings_s": result.timings,
         "skipped_images": result.skipped_images,
         "skipped_steps": result.skipped_steps,
         **({"identity": result.identity} if result.identity is not None else {}),

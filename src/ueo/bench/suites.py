@@ -60,9 +60,7 @@ def folder_suite(
         raise UeoError(f"{data} has no class folders; a benchmark needs labelled images.")
     unmatched = int((images.labels == OOD).sum())
     if unmatched:
-        raise UeoError(
-            f"{unmatched} images in {data} are in folders not named in --all-classes."
-        )
+        raise UeoError(f"{unmatched} images in {data} are in folders not named in --all-classes.")
     splits = {}
     for s in PAPER_SCENARIOS + ("CLOSED",):
         if s in ("ODA", "OPDA") and known == len(class_names):
