@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ueo.checkpoint import (
     unpack_optimizer,
 )
 from ueo.data import BadImages, EpochOrder, ImageSet, make_loader
+from ueo.distributed import Shard, current_world
 from ueo.errors import UeoError
 from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
@@ -109,6 +111,7 @@ def adapt(
         if resume and ck.path.is_file():
             ck.saved = load_checkpoint(ck.path)
             check_identity(ck.path, ck.saved[1].get("identity", {}), ck.identity)
+        _same_checkpoint(ck)
     clock = _Clock()
     seed_everything(recipe.seed)
     device = resolve_device(runtime.device)
@@ -172,7 +175,7 @@ def adapt(
         history=trainer.history if trainer else [],
         curves=curves,
         wall_time_s=clock.total(),
-        skipped_images=len(bad),
+        skipped_images=_unreadable(bad),
         skipped_steps=trainer.skipped if trainer else 0,
         identity=ck.identity,
         outputs={"zeroshot": zs, "adapted": final},
@@ -299,12 +302,19 @@ class _Trainer:
     ):
         self.model, self.method, self.recipe = model, method, recipe
         self.device = resolve_device(runtime.device)
-        self.progress = runtime.progress
+        self.world = world = current_world()
+        if world.size > 1 and recipe.precision == "fp16":
+            raise UeoError(
+                "--precision fp16 scales the loss by a factor each process would change on its "
+                "own; under torchrun use bf16 (as fast on recent GPUs, and needs no scaling)."
+            )
+        self.progress = runtime.progress and world.main
         self.read_every = _read_every(self.device)
         self.all_fixed = fixed  # what a checkpoint stores
         images, fixed = _training_subset(unlabeled, fixed, method)
         self.fixed = {k: v.to(self.device) for k, v in fixed.items()}
-        self.order = EpochOrder(len(images), recipe.seed, recipe.batch_size)
+        self.order = EpochOrder(len(images), recipe.seed, recipe.batch_size, world.rank, world.size)
+        self.image_shape = (3, model.clip.image_size, model.clip.image_size)
         self.loader = make_loader(
             images,
             model.clip.train_transform()
@@ -324,14 +334,15 @@ class _Trainer:
             self.optimizer, T_max=max(recipe.epochs * self.batches, 1)
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.precision == "fp16" else None
-        self.guard = StepGuard(self.optimizer, recipe.on_nonfinite)
+        self.guard = StepGuard(self.optimizer, recipe.on_nonfinite, world)
         text = None  # a frozen prompt's features, computed once
         if not model.prompt.ctx.requires_grad:
             with torch.no_grad(), autocast(self.device, recipe.precision):
                 text = model.text_features()
         self.features = partial(model.cosines, precision=recipe.precision, text=text)
-        # Compiled for the full batch's shape; a last, smaller batch runs eagerly.
+        # Compiled for the shape of (this process's part of) a full batch; others run eagerly.
         self.compiled = torch.compile(self.features, dynamic=False) if runtime.compile else None
+        self.full = len(range(world.rank, recipe.batch_size, world.size))
         self.first_epoch = 1
         self.history: list[dict] = []
         self.losses: list[float] = []  # the epoch's finite losses so far
@@ -369,7 +380,7 @@ class _Trainer:
             for epoch in range(self.first_epoch, self.recipe.epochs + 1):
                 last = self.epoch(epoch, bad, ck, curves, stop)
                 self.end_epoch(epoch, last, ck, curves, after_epoch)
-                if stop["signal"] is not None:
+                if any(p[0] for p in self.world.exchange([stop["signal"] is not None])):
                     raise _interrupted(stop, ck, epoch + 1, 0)
 
     def epoch(
@@ -377,7 +388,11 @@ class _Trainer:
     ) -> torch.Tensor | None:
         """One pass over the data in this epoch's order, a training step per batch. The
         steps' verdicts are read every `read_every` steps; a signal checkpoints after the
-        current step and stops. Returns the epoch's last batch (for `end_epoch`'s check)."""
+        current step and stops. Returns the epoch's last batch (for `end_epoch`'s check).
+
+        In a world of several processes, each batch is split over them; they agree, on the
+        CPU, on the images each part holds (a part may be empty, an image unreadable) and on
+        a signal to stop, so that every process steps, and stops, at the same batch."""
         epoch_start = self.order.generator.get_state()
         done = self.order.skip // self.recipe.batch_size
         self.order.set_epoch(epoch)  # keys the epoch's augmentation draws
@@ -390,24 +405,30 @@ class _Trainer:
                 bar.update()
                 for i, msg in errors:
                     bad.report(i, msg)
-                if x is not None:
-                    last = self.loader.dataset.finish(x.to(self.device, non_blocking=True))
-                    self.step(last, idx, (epoch, b))
+                parts = self.world.exchange([stop["signal"] is not None, *idx.tolist()])
+                if any(len(p) > 1 for p in parts):
+                    if x is not None:
+                        x = last = self.loader.dataset.finish(x.to(self.device, non_blocking=True))
+                    else:  # this process's part holds no readable image
+                        x = torch.empty((0, *self.image_shape), device=self.device)
+                    self.step(x, [p[1:] for p in parts], (epoch, b))
                 if b % self.read_every == 0:
                     self.settle(ck, bar)
-                if stop["signal"] is not None and b < self.batches:
+                if any(p[0] for p in parts) and b < self.batches:
                     self.settle(ck, bar)
                     self.checkpoint(ck, curves, epoch, b, epoch_start)
                     raise _interrupted(stop, ck, epoch, b)
             self.settle(ck, bar)
         return last
 
-    def step(self, images: torch.Tensor, idx: torch.Tensor, where: tuple[int, int]) -> None:
-        """One guarded SGD step (ueo.training) and the schedule's step."""
+    def step(self, images: torch.Tensor, parts: list[list[int]], where: tuple[int, int]) -> None:
+        """One guarded SGD step (ueo.training) on the batch whose images are `parts` (one list
+        of dataset indices per process; this process holds `images`), and the schedule's."""
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         self.lrs = [self.lrs[0] if self.lrs else lrs, lrs]
-        idx = idx.to(self.device, non_blocking=True)
-        full = self.compiled is not None and len(images) == self.recipe.batch_size
+        idx = torch.tensor([i for part in parts for i in part]).to(self.device, non_blocking=True)
+        shard = Shard(self.world, [len(p) for p in parts]) if self.world.size > 1 else None
+        full = self.compiled is not None and len(images) == self.full
         training_step(
             self.model,
             images,
@@ -419,6 +440,7 @@ class _Trainer:
             features=self.compiled if full else self.features,
             guard=self.guard,
             where=where,
+            shard=shard,
         )
         self.scheduler.step()
 
@@ -432,7 +454,7 @@ class _Trainer:
                 bar.set_postfix(loss=f"{verdict.loss:.4f}")
             elif self.recipe.on_nonfinite == "skip":
                 self.skipped += 1
-                log.warning(
+                (log.warning if self.world.main else log.debug)(
                     "Skipped a step at epoch %d, batch %d: %s is not finite",
                     epoch,
                     batch,
@@ -455,8 +477,7 @@ class _Trainer:
     ) -> None:
         """Check the tuned tensors' outputs, record and log the epoch, evaluate if asked,
         and checkpoint: the checkpoint of an epoch is always a good one."""
-        if last is not None:
-            self.check_outputs(last, epoch, ck)
+        self.check_outputs(last, epoch, ck)
         mean = float(np.mean(self.losses)) if self.losses else None
         lrs = {k: [self.lrs[0][k], self.lrs[-1][k]] for k in self.lrs[0]} if self.lrs else {}
         self.history.append({"epoch": epoch, "loss": mean, "lr": lrs})
@@ -468,12 +489,15 @@ class _Trainer:
         self.losses, self.lrs = [], []
         self.checkpoint(ck, curves, epoch + 1, 0, self.order.generator.get_state())
 
-    def check_outputs(self, images: torch.Tensor, epoch: int, ck: _Checkpoints) -> None:
-        """Finite parameters can still overflow the forward pass: the epoch's last batch must
-        give finite outputs before the epoch's checkpoint is written."""
-        with torch.no_grad():
-            cos, _, _ = self.features(images)
-        if not bool(torch.isfinite(cos).all()):
+    def check_outputs(self, images: torch.Tensor | None, epoch: int, ck: _Checkpoints) -> None:
+        """Finite parameters can still overflow the forward pass: the epoch's last batch (of
+        every process) must give finite outputs before the epoch's checkpoint is written."""
+        finite = True
+        if images is not None:
+            with torch.no_grad():
+                cos, _, _ = self.features(images)
+            finite = bool(torch.isfinite(cos).all())
+        if not all(p[0] for p in self.world.exchange([finite])):
             raise UeoError(
                 f"The tuned parameters give non-finite outputs after epoch {epoch}: training "
                 f"diverged (lower the learning rates){ck.kept()}."
@@ -482,8 +506,9 @@ class _Trainer:
     def checkpoint(
         self, ck: _Checkpoints, curves: list[dict], epoch: int, batch: int, epoch_start
     ) -> None:
-        """The state after `batch` batches of `epoch` (epoch + 1, 0 at an epoch's end)."""
-        if ck.path is None:
+        """The state after `batch` batches of `epoch` (epoch + 1, 0 at an epoch's end), written
+        by the main process (every process holds the same state)."""
+        if ck.path is None or not self.world.main:
             return
         opt_tensors, opt_state = pack_optimizer(self.optimizer.state_dict())
         rng_tensors, rng_json = rng_state()
@@ -511,6 +536,25 @@ class _Trainer:
         save_checkpoint(ck.path, tensors, state)
 
 
+def _same_checkpoint(ck: _Checkpoints) -> None:
+    """Every process of a run resumes from the same checkpoint, or none does: the run folder
+    must be on storage that every machine sees."""
+    world = current_world()
+    found = [bool(p[0]) for p in world.exchange([ck.saved is not None])]
+    if len(set(found)) > 1:
+        missing = [r for r, f in enumerate(found) if not f]
+        raise UeoError(
+            f"Process(es) {missing} do not see the checkpoint {ck.path} that process "
+            f"{found.index(True)} resumes from: --out must be on storage every machine shares."
+        )
+
+
+def _unreadable(bad: BadImages) -> int:
+    """Unreadable images met by any process of the run, each counted once."""
+    keys = [zlib.crc32(message.encode()) for message in bad.seen]
+    return len({k for part in current_world().exchange(keys) for k in part})
+
+
 def _read_every(device: torch.device) -> int:
     """Steps between reads of the guard's verdicts: every step on a CPU, where a read costs
     nothing; `READ_EVERY` on an accelerator, where each read waits for its queued work."""
@@ -534,5 +578,6 @@ def _training_subset(
 def _interrupted(stop: dict, ck: _Checkpoints, epoch: int, batch: int) -> Interrupted:
     name = signal.Signals(stop["signal"]).name
     where = f"epoch {epoch}, batch {batch}" if batch else f"the start of epoch {epoch}"
-    log.warning("%s: checkpoint written at %s (%s); resume with --resume", name, where, ck.path)
+    if current_world().main:  # the process that wrote it
+        log.warning("%s: checkpoint written at %s (%s); resume with --resume", name, where, ck.path)
     return Interrupted(f"interrupted by {name}; checkpoint at {where}, resume with --resume")

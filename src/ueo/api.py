@@ -88,7 +88,7 @@ def evaluate(
     out = infer(model, images, runtime, precision=precision, bad=bad, desc="evaluate")
     _require_readable(out, images)
     metrics = metrics_of(out, images)
-    metrics["skipped_images"] = len(bad)
+    metrics["skipped_images"] = int((~out.valid).sum())  # each process's part counted
     return metrics
 
 

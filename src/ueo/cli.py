@@ -331,12 +331,25 @@ def _setup_logging(quiet: bool, epochs: bool = True) -> None:
     log.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LOG_FORMAT)
-    if quiet:
+    if quiet or not _main_process():  # under torchrun the others say only what goes wrong
         handler.setLevel(logging.WARNING)
+    if not _main_process():
+        marked = f"[process {_process()[0]}] {LOG_FORMAT._fmt}"
+        handler.setFormatter(logging.Formatter(marked, LOG_FORMAT.datefmt))
     if not epochs:
         handler.addFilter(lambda record: record.name != "ueo.epochs")
     log.addHandler(handler)
     log.propagate = False
+
+
+def _process() -> tuple[int, int]:
+    """This process's rank and the number of processes, as torchrun's variables say."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _main_process() -> bool:
+    """Under torchrun, only process 0 prints results (every process computes them)."""
+    return _process()[0] == 0
 
 
 def _use_available_cpus() -> None:
@@ -485,7 +498,8 @@ def cmd_adapt(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    print(metrics_table(record))
+    if _main_process():
+        print(metrics_table(record))
     return 0
 
 
@@ -506,7 +520,8 @@ def cmd_eval(args) -> int:
         out=args.out,
     )
     phase = "zeroshot" if args.zeroshot else "adapted"
-    print(metrics_table({phase: {"eval": record["metrics"]}}))
+    if _main_process():
+        print(metrics_table({phase: {"eval": record["metrics"]}}))
     return 0
 
 
@@ -524,6 +539,8 @@ def cmd_predict(args) -> int:
         runtime=runtime,
         data_root=args.data_root,
     )
+    if not _main_process():
+        return 0
     print(
         f"{summary['images']} images, {summary['unknown']} flagged unknown "
         f"(threshold {summary['threshold']:.6g}) -> {summary['out']}"
@@ -681,13 +698,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed output is found here, not at the interpreter's exit
         return code
     except UeoError as exc:
-        print(f"ueo: error: {exc}", file=sys.stderr)
+        print(f"ueo: error{_which()}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"ueo: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"ueo{_which()}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return _output_closed()
+    finally:
+        if "ueo.distributed" in sys.modules:  # leave torchrun's process group cleanly
+            sys.modules["ueo.distributed"].end_world()
+
+
+def _which() -> str:
+    """' (process R of N)' under torchrun, where every process reports its own errors."""
+    rank, size = _process()
+    return f" (process {rank} of {size})" if size > 1 else ""
 
 
 def _output_closed() -> int:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ueo.cache import ImageCache
 from ueo.data import BadImages, ImageSet, make_loader
+from ueo.distributed import current_world
 from ueo.metrics import compute_metrics
 from ueo.model import UeoModel, frozen_weights_in
 from ueo.objectives import mcm_score
@@ -53,10 +54,13 @@ def infer(
 
     The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
     the decoded images and the test transform's pixels for the next pass over the same images
-    (ueo.cache). Batches cross to the device as uint8 and are finished there.
+    (ueo.cache). Batches cross to the device as uint8 and are finished there. In a world of
+    several processes (ueo.distributed), each passes over one contiguous part of the images
+    and every process gets the whole set's outputs, no image counted twice.
     """
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
+    world = current_world()
     bad = bad if bad is not None else BadImages(runtime.on_bad_image)
     cos = np.full((len(images), model.prompt.num_classes), np.nan, dtype=np.float32)
     valid = np.zeros(len(images), dtype=bool)
@@ -68,10 +72,13 @@ def infer(
         workers_of(runtime),
         device,
         cache=cache,
+        rank=world.rank,
+        world=world.size,
     )
+    progress = runtime.progress and world.main
     with (
         frozen_weights_in(model, DTYPES[precision]),
-        tqdm(total=len(loader), desc=desc, leave=False, disable=not runtime.progress) as bar,
+        tqdm(total=len(loader), desc=desc, leave=False, disable=not progress) as bar,
     ):
         with autocast(device, precision):
             text = model.text_features()
@@ -85,6 +92,10 @@ def infer(
             out, _, _ = model.cosines(x, precision, text)
             cos[idx.numpy()] = out.cpu().numpy()
             valid[idx.numpy()] = True
+    if world.size > 1:
+        part = loader.sampler  # this process's contiguous range of the images
+        cos = world.gather_rows(cos[part.start : part.stop])
+        valid = world.gather_rows(valid[part.start : part.stop])
     return Outputs(cos, valid)
 
 

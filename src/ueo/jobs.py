@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from ueo import __version__
@@ -22,6 +23,7 @@ from ueo.checkpoint import CHECKPOINT_FILE
 from ueo.checks import check_threshold
 from ueo.clip import check_model
 from ueo.data import ImageSet, load_image_set, parse_classes
+from ueo.distributed import on_main, start_world
 from ueo.errors import UeoError
 from ueo.io import (
     ADAPTER_FILE,
@@ -33,7 +35,15 @@ from ueo.io import (
 )
 from ueo.names import OOD, normalize_name
 from ueo.recipe import Recipe, Runtime
-from ueo.runs import LOG_FILE, METRICS_FILE, is_finished, logged_to, publish, staging_dir
+from ueo.runs import (
+    LOG_FILE,
+    METRICS_FILE,
+    is_finished,
+    logged_to,
+    publish,
+    run_record,
+    staging_dir,
+)
 from ueo.runtime import captured_log, checked_runtime
 
 log = logging.getLogger("ueo")
@@ -64,9 +74,12 @@ def adapt_job(
     """
     recipe = (recipe or Recipe()).validate()
     runtime = checked_runtime(runtime, recipe.precision)
+    world, device = start_world(runtime.device)
+    runtime = runtime.replace(device=device)
     out = check_output_dir(out)
     check_model(model, pretrained)
-    staging = _prepare_run_dir(out, resume, overwrite)
+    on_main(world, lambda: _prepare_run_dir(out, resume, overwrite), "preparing the run folder")
+    staging = staging_dir(out)
     start = time.perf_counter()
     with captured_log() as buffer:
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
@@ -92,16 +105,21 @@ def adapt_job(
             device=runtime.device,
             channels_last=runtime.channels_last,
         )
-        staging.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            staging.mkdir(parents=True, exist_ok=True)
         startup = time.perf_counter() - start  # reading the lists, loading the model
-        with logged_to(staging / LOG_FILE, buffer.getvalue()):
+        written = logged_to(staging / LOG_FILE, buffer.getvalue()) if world.main else nullcontext()
+        with written:
             result = adapt(
                 net, unlabeled, recipe, runtime, test=test, checkpoint_dir=staging, resume=resume
             )
             result.timings = {"startup": round(startup, 3), **result.timings}
-            record = save_run(
-                staging, net, result, {"data": str(data), "test_data": test_data and str(test_data)}
-            )
+            extra = {"data": str(data), "test_data": test_data and str(test_data)}
+            if world.size > 1:
+                extra["processes"] = world.size
+            if not world.main:  # every process holds the result; the main one writes it
+                return run_record(net, result, extra)
+            record = save_run(staging, net, result, extra)
             log.info("wrote %s (%.1f s)", out, result.wall_time_s)
     publish(staging, out)
     return record
@@ -179,6 +197,8 @@ def eval_job(
 ) -> dict:
     """`ueo eval`: metrics of an adapter (or, without one, of the zero-shot `model`)."""
     runtime = checked_runtime(runtime)
+    world, device = start_world(runtime.device)
+    runtime = runtime.replace(device=device)
     if out is not None:
         check_output_dir(out)
         if _holds_training_run(Path(out)):
@@ -215,7 +235,7 @@ def eval_job(
     require_known_classes(images, net.class_names, data)
     metrics = evaluate(net, images, runtime, precision=precision)
     record = {**source, "data": str(data), "metrics": metrics}
-    if out:
+    if out and world.main:
         write_json(Path(out) / METRICS_FILE, record)
     return record
 
@@ -232,6 +252,8 @@ def predict_job(
 ) -> dict:
     """`ueo predict`: one CSV row per readable image; returns counts and the threshold used."""
     runtime = checked_runtime(runtime)
+    world, device = start_world(runtime.device)
+    runtime = runtime.replace(device=device)
     check_threshold(threshold)
     out = check_output_file(out)
     meta = adapter_metadata(adapter, runtime, pretrained)
@@ -245,7 +267,8 @@ def predict_job(
     writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS))
     writer.writeheader()
     writer.writerows(rows)
-    write_text(out, buf.getvalue())
+    if world.main:
+        write_text(out, buf.getvalue())
     return {
         "images": len(rows),
         "unknown": sum(r["is_unknown"] for r in rows),

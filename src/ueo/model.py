@@ -106,7 +106,7 @@ class UeoModel(nn.Module):
         The towers run under `precision`'s autocast; the cosines are taken in fp32 from the
         features, so that a low precision touches the towers only. `text`: precomputed text
         features (a frozen prompt's). The image tower runs without autograd when none of its
-        parameters is tuned.
+        parameters is tuned. An empty batch gives no rows but the text features.
         """
         image_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in self.net.visual.parameters()
@@ -114,8 +114,11 @@ class UeoModel(nn.Module):
         with autocast(images.device, precision):
             if text is None:
                 text = self.text_features()
-            with torch.set_grad_enabled(image_grad):
-                feats = self.image_features(images)
+            if len(images):
+                with torch.set_grad_enabled(image_grad):
+                    feats = self.image_features(images)
+            else:  # an empty part of a batch split over processes: no image, but the text
+                feats = text.new_zeros((0, text.shape[-1]))
         feats, text = feats.float(), text.float()
         return feats @ text.t(), feats, text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import random
 from collections.abc import Iterator
 
@@ -75,8 +76,10 @@ def use_available_cpus() -> int:
 
 
 def default_workers() -> int:
-    """Data-loading processes when none are asked for: one per spare CPU, at most 4."""
-    return min(4, available_cpus() - 1)
+    """Data-loading processes when none are asked for: one per spare CPU, at most 4; under
+    torchrun, the CPUs are shared by the processes it started on this machine."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, available_cpus() // local - 1))
 
 
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")

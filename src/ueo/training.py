@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ueo.distributed import SINGLE, Shard, World, shared
 from ueo.methods import Batch, Method
 from ueo.model import UeoModel
 from ueo.objectives import LOGIT_SCALE
@@ -41,6 +42,7 @@ def training_step(
     features: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
     guard: StepGuard | None = None,
     where: object = None,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """One SGD step on a batch; returns its loss as a 0-d tensor on the device.
 
@@ -49,12 +51,18 @@ def training_step(
     non-finite loss, gradient or updated parameter raises `NonFinite`, and the tuned tensors
     are left as they were. With one, the guard's policy applies and its verdict, labelled
     `where`, is read later (`StepGuard.read`).
+
+    With a `shard`, `images` and `fixed` are this process's part of a batch split over the
+    processes of a run (ueo.distributed): the loss is that of the whole batch, from the
+    gathered cosines and features, and the guard sums the gradients over the processes.
     """
     optimizer.zero_grad(set_to_none=True)
     if features is None:
         cos, feats, text = model.cosines(images, recipe.precision)
     else:
         cos, feats, text = features(images)
+    if shard is not None:
+        cos, feats, text = shard.gather(cos), shard.gather(feats), shared(text, shard.world)
     batch = Batch(
         logits=LOGIT_SCALE * cos,
         image_features=feats,
@@ -64,7 +72,7 @@ def training_step(
     )
     loss = method.loss(batch)
     now = guard is None
-    guard = guard or StepGuard(optimizer, "stop")
+    guard = guard or StepGuard(optimizer, "stop", shard.world if shard else SINGLE)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -104,11 +112,14 @@ class StepGuard:
     and nothing waits for the device until `read`.
 
     With fp16's gradient scaler, non-finite gradients are the scaler's to skip (it lowers its
-    scale), as usual; the loss and the updated parameters are still checked.
+    scale), as usual; the loss and the updated parameters are still checked. In a `world` of
+    several processes the gradients are summed over them first, so that every process judges,
+    and updates, alike.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, policy: str):
+    def __init__(self, optimizer: torch.optim.Optimizer, policy: str, world: World = SINGLE):
         self.policy = policy
+        self.world = world
         self.groups = optimizer.param_groups
         self.params = [p for g in self.groups for p in g["params"]]
         self.names = [
@@ -126,7 +137,7 @@ class StepGuard:
         """Judge the step whose gradients are in `.grad`, and zero them if it may not update;
         `where` labels its verdict."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.world.sum_(torch.cat([g.reshape(-1) for g in grads]))
         current = torch.cat([p.detach().reshape(-1) for p in self.params])
         updated, start = [], 0
         for group in self.groups:

@@ -1,0 +1,238 @@
+"""One run over many processes, as `torchrun` starts them: the same UEO at any world size.
+
+UEO's loss couples a batch (the entropy of its weighted mean prediction), so a process that
+computed it on its own part of a batch would optimise another objective. Here every process
+takes one contiguous part of each global batch (`ueo.data.EpochOrder`), computes the cosines
+of its part, and then every process computes the loss of the *whole* batch from the gathered
+cosines (`Shard.gather`): the other processes' rows as values, its own with their gradient.
+The gradients of the tuned tensors are then summed over the processes (`World.sum_`), which
+gives each process the gradient a single process computes on the whole batch, to float
+rounding, and keeps every process's tensors equal. No DistributedDataParallel: the tuned
+tensors are a few hundred kilobytes, summed in one call per step, and DDP's bucketing, buffer
+broadcasts and its refusal of a module whose parameters are all frozen would only get in the way.
+
+Host-side agreement (the readable images of each part, a signal to stop) goes through a gloo
+group on the CPU, so that it never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ueo.errors import UeoError
+
+log = logging.getLogger("ueo")
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a peer that stops answering ends the run
+
+
+@dataclass
+class World:
+    """This process's place among the processes of one run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    cpu_group: object = field(default=None, repr=False)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files, draws progress bars and prints results."""
+        return self.rank == 0
+
+    def exchange(self, values: list[int]) -> list[list[int]]:
+        """Every process's list of integers, in rank order (on the CPU, never waiting for a
+        GPU): which images of a batch each process could read, a stop request, ..."""
+        if self.size == 1:
+            return [list(values)]
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.size)]
+        with _peers():
+            dist.all_gather(sizes, torch.tensor([len(values)]), group=self.cpu_group)
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.long)
+        padded[: len(values)] = torch.tensor(values, dtype=torch.long)
+        parts = [torch.zeros(longest, dtype=torch.long) for _ in range(self.size)]
+        with _peers():
+            dist.all_gather(parts, padded, group=self.cpu_group)
+        return [p[: int(s)].tolist() for p, s in zip(parts, sizes, strict=True)]
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the processes, in place (the tuned tensors' gradients)."""
+        if self.size > 1:
+            with _peers():
+                dist.all_reduce(tensor)
+        return tensor
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The processes' row blocks of an array, concatenated in rank order (on the CPU):
+        the parts of an evaluation pass."""
+        if self.size == 1:
+            return rows
+        counts = self.exchange([len(rows)])
+        longest = max(c[0] for c in counts)
+        local = torch.zeros((longest, *rows.shape[1:]), dtype=torch.from_numpy(rows).dtype)
+        local[: len(rows)] = torch.from_numpy(rows)
+        parts = [torch.zeros_like(local) for _ in range(self.size)]
+        with _peers():
+            dist.all_gather(parts, local, group=self.cpu_group)
+        return np.concatenate([p[: c[0]].numpy() for p, c in zip(parts, counts, strict=True)])
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            with _peers():
+                dist.barrier(group=self.cpu_group)
+
+    def agree(self, ok: bool, what: str) -> None:
+        """Go on only if every process is `ok`; the others stop with one line naming the first
+        process that is not (which reports its own error)."""
+        if self.size == 1:
+            return
+        flags = [p[0] for p in self.exchange([ok])]
+        if ok and not all(flags):
+            bad = flags.index(0)
+            raise UeoError(f"Process {bad} of {self.size} stopped {what}; its error says why.")
+
+
+SINGLE = World()
+
+
+@contextmanager
+def _peers() -> Iterator[None]:
+    """A collective call whose peer is gone (killed, failed, unreachable) ends this process
+    with one line, not a traceback: the failed process, or torchrun's summary, says why."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's own
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UeoError(
+            f"Lost another process of the run ({first}); the run stopped. Its last checkpoint "
+            "is kept: the same command with --resume continues it."
+        ) from None
+
+
+def on_main(world: World, fn, what: str):
+    """`fn()` on the main process only (preparing or writing files), the others waiting for
+    it: an error there stops every process, with one line each."""
+    result, error = None, None
+    if world.main:
+        try:
+            result = fn()
+        except UeoError as exc:
+            error = exc
+    world.agree(error is None, what)
+    if error is not None:
+        raise error
+    return result
+
+
+def current_world() -> World:
+    """The world this process belongs to: torchrun's, once `start_world` has joined it."""
+    return _WORLD
+
+
+_WORLD = SINGLE
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process as
+    one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start_world(device: str) -> tuple[World, str]:
+    """Join the run's processes (torchrun's environment variables), once; returns the world
+    and this process's device (`cuda:LOCAL_RANK` for `cuda` or `auto` with GPUs).
+
+    NCCL carries the GPU's collectives, gloo the CPU's and every host-side agreement.
+    """
+    global _WORLD
+    if not launched():
+        return SINGLE, device
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise UeoError(f"--device {device} was asked for but no CUDA GPU is available.")
+        if ":" in device:
+            raise UeoError(
+                "Under torchrun each process takes the GPU of its LOCAL_RANK: give --device "
+                "cuda (or auto), not a numbered device."
+            )
+        if local_rank >= torch.cuda.device_count():
+            raise UeoError(
+                f"Process {rank} has LOCAL_RANK {local_rank}, but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): start at most that many per machine."
+            )
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if _WORLD.size == 1:
+        if not dist.is_initialized():
+            backend = "nccl" if cuda else "gloo"
+            kwargs = {"device_id": torch.device(device)} if cuda else {}
+            dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
+        cpu_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else dist.group.WORLD
+        _WORLD = World(rank, size, local_rank, cpu_group)
+    return _WORLD, device
+
+
+def end_world() -> None:
+    """Leave the process group (at the end of a command)."""
+    global _WORLD
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _WORLD = SINGLE
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One process's part of a global batch: the rows every process holds, in rank order."""
+
+    world: World
+    counts: list[int]
+
+    @property
+    def start(self) -> int:
+        return sum(self.counts[: self.world.rank])
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The global batch's rows: the other processes' as values, this process's own rows
+        with their gradient (so each process's backward pass reaches its part only)."""
+        longest = max(self.counts)
+        local = rows.new_zeros((longest, *rows.shape[1:]))
+        local[: len(rows)] = rows.detach()
+        parts = [torch.empty_like(local) for _ in self.counts]
+        with _peers():
+            dist.all_gather(parts, local)
+        parts = [p[:c] for p, c in zip(parts, self.counts, strict=True)]
+        parts[self.world.rank] = rows
+        return torch.cat(parts)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity whose gradient is scaled: a tensor every process computes in full."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def shared(x: torch.Tensor, world: World) -> torch.Tensor:
+    """`x`, computed in full by every process (the text features), for a loss that every
+    process computes: its gradient is divided by the world size, so that the sum over the
+    processes is the gradient of one process."""
+    return _ScaleGradient.apply(x, 1.0 / world.size) if world.size > 1 else x
