@@ -36,6 +36,7 @@ from ueo.checkpoint import (
     unpack_optimizer,
 )
 from ueo.data import BadImages, ImageSet, make_loader
+from ueo.diagnostics import label_free
 from ueo.errors import UeoError
 from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
@@ -52,7 +53,8 @@ epoch_log = logging.getLogger("ueo.epochs")  # per-epoch lines; sweeps keep them
 
 @dataclass
 class AdaptResult:
-    """Plain data about one adaptation run; `metrics` maps phase -> set name -> metrics."""
+    """Plain data about one adaptation run; `metrics` maps phase -> set name -> metrics,
+    `label_free` phase -> label-free scores of the unlabeled set (ueo.diagnostics)."""
 
     metrics: dict
     threshold: float
@@ -64,6 +66,7 @@ class AdaptResult:
     skipped_steps: int = 0
     identity: dict | None = None
     outputs: dict = field(default_factory=dict, repr=False)
+    label_free: dict = field(default_factory=dict)
 
 
 class NonFinite(Exception):
@@ -228,7 +231,8 @@ def adapt(
     for name, images in sets.items():
         _require_readable(zs[name], images, name)
     metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
-    curves = [{"epoch": 0, **metrics["zeroshot"]}]
+    scores = {"zeroshot": label_free(zs["unlabeled"], zs["unlabeled"], recipe.trade)}
+    curves = [{"epoch": 0, **metrics["zeroshot"], "label_free": scores["zeroshot"]}]
     history: list[dict] = []
     final = zs
     steps = _Steps()
@@ -237,7 +241,9 @@ def adapt(
         """Learning curves: the sets evaluated every `runtime.eval_every` epochs."""
         if runtime.eval_every and epoch % runtime.eval_every == 0 and epoch < recipe.epochs:
             outs = {k: run(v, f"epoch {epoch} {k}") for k, v in sets.items()}
-            curves.append({"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}})
+            point = {"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}}
+            point["label_free"] = label_free(outs["unlabeled"], zs["unlabeled"], recipe.trade)
+            curves.append(point)
 
     with tuning(model, recipe) as groups:
         if method.trains and groups and recipe.epochs > 0:
@@ -265,8 +271,11 @@ def adapt(
         for name, out in final.items():
             _require_finite(out, name)
     metrics["adapted"] = {k: metrics_of(final[k], v) for k, v in sets.items()}
+    scores["adapted"] = label_free(final["unlabeled"], zs["unlabeled"], recipe.trade)
     if history:
-        curves.append({"epoch": recipe.epochs, **metrics["adapted"]})
+        curves.append(
+            {"epoch": recipe.epochs, **metrics["adapted"], "label_free": scores["adapted"]}
+        )
     valid = final["unlabeled"].valid
     threshold = otsu_threshold(final["unlabeled"].score[valid])
     if not math.isfinite(threshold):
@@ -282,6 +291,7 @@ def adapt(
         skipped_steps=steps.skipped,
         identity=identity,
         outputs={"zeroshot": zs, "adapted": final},
+        label_free=scores,
     )
 
 
