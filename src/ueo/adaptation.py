@@ -38,6 +38,7 @@ from ueo.checkpoint import (
 from ueo.data import BadImages, ImageSet, make_loader
 from ueo.diagnostics import label_free
 from ueo.errors import UeoError
+from ueo.eventlog import open_event_log
 from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
 from ueo.methods import TRAIN_MASK, Batch, Method, get_method
@@ -218,6 +219,7 @@ def adapt(
     bad = BadImages(runtime.on_bad_image)
     cache = cache if cache is not None else ImageCache()
     sets = {"unlabeled": unlabeled} if test is None else {"unlabeled": unlabeled, "test": test}
+    events = open_event_log(runtime, checkpoint_dir)
 
     def run(images: ImageSet, desc: str) -> Outputs:
         return infer(
@@ -233,6 +235,7 @@ def adapt(
     metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
     scores = {"zeroshot": label_free(zs["unlabeled"], zs["unlabeled"], recipe.trade)}
     curves = [{"epoch": 0, **metrics["zeroshot"], "label_free": scores["zeroshot"]}]
+    events.evaluation(curves[0])
     history: list[dict] = []
     final = zs
     steps = _Steps()
@@ -244,6 +247,7 @@ def adapt(
             point = {"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}}
             point["label_free"] = label_free(outs["unlabeled"], zs["unlabeled"], recipe.trade)
             curves.append(point)
+            events.evaluation(point)
 
     with tuning(model, recipe) as groups:
         if method.trains and groups and recipe.epochs > 0:
@@ -276,6 +280,9 @@ def adapt(
         curves.append(
             {"epoch": recipe.epochs, **metrics["adapted"], "label_free": scores["adapted"]}
         )
+        events.history(history)
+        events.evaluation(curves[-1])
+    events.close()
     valid = final["unlabeled"].valid
     threshold = otsu_threshold(final["unlabeled"].score[valid])
     if not math.isfinite(threshold):

@@ -21,6 +21,7 @@ from ueo.methods import get_method, method_names
 from ueo.recipe import (
     AUGMENTATIONS,
     BAD_IMAGE_POLICIES,
+    LOG_TARGETS,
     NONFINITE_POLICIES,
     NORM_LAYERS,
     PRECISIONS,
@@ -109,6 +110,12 @@ def _add_runtime_args(p: argparse.ArgumentParser, training: bool = False) -> Non
             type=int,
             default=0,
             help="also evaluate every N epochs, for learning curves (default 0: before and after)",
+        )
+        group.add_argument(
+            "--log",
+            default="files",
+            choices=LOG_TARGETS,
+            help="files (default: metrics.json, log.txt) or also TensorBoard events of the curves",
         )
 
 
@@ -248,6 +255,7 @@ def runtime_of(args: argparse.Namespace) -> Runtime:
         progress=not args.quiet,
         compile=getattr(args, "compile", False),
         eval_every=getattr(args, "eval_every", 0),
+        log=getattr(args, "log", "files"),
         on_bad_image=args.on_bad_image,
     ).validate()
 
