@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=BUNDLED_MODELS[0], choices=BUNDLED_MODELS)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_diagnose_command(sub)
     return parser
 
 
@@ -240,6 +241,19 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the cells and what exists")
     _add_recipe_args(p, skip=BENCH_GRID_FIELDS)
     _add_runtime_args(p, training=True)
+
+
+def _add_diagnose_command(sub) -> None:
+    p = sub.add_parser(
+        "diagnose", help="compare runs by label-free scores: which to keep, and how sure"
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folders (or their metrics.json); a folder of runs stands for all of them",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (default: readable text)")
 
 
 def recipe_settings(args: argparse.Namespace) -> dict:
@@ -450,6 +464,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    import json
+
+    from ueo.compare import compare_runs, plain
+    from ueo.reports import diagnose_report
+
+    result = compare_runs(args.runs)
+    if args.json:
+        print(json.dumps(plain(result), indent=1))
+    else:
+        print(diagnose_report(result))
+    return 0
+
+
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -463,6 +491,7 @@ COMMANDS = {
     "protocol": cmd_protocol,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "diagnose": cmd_diagnose,
 }
 
 
