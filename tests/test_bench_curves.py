@@ -28,6 +28,7 @@ def test_bench_plots_learning_curves(image_folder, tmp_path, monkeypatch):
 
     for scenario in ("CDA", "ODA"):
         assert (out / "plots" / f"curves_{scenario}.png").read_bytes()[:8] == PNG
+        assert (out / "plots" / f"label_free_{scenario}.png").read_bytes()[:8] == PNG
     report = json.loads((out / "results.json").read_text())
     curves = report["curves"]["ODA"]
     assert list(curves["ueo"]) == ["0", "1", "2"]
@@ -40,6 +41,11 @@ def test_bench_plots_learning_curves(image_folder, tmp_path, monkeypatch):
     assert curves["ueo"]["2"]["acc"] == pytest.approx(report["mean"]["ODA"]["ueo"]["acc"])
     assert curves["ueo"]["0"] == pytest.approx(curves["zeroshot"]["0"])
     assert curves["ueo"]["1"] != curves["ueo"]["0"]
+    # the label-free scores of the unlabeled set, per epoch, as the cells hold them
+    scores = report["label_free_curves"]["ODA"]
+    assert list(scores["ueo"]) == ["0", "1", "2"]
+    for point in cell["curves"]:
+        assert scores["ueo"][str(point["epoch"])] == pytest.approx(point["label_free"])
 
 
 def record(*epochs, acc=0.5):

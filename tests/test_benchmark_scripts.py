@@ -2,6 +2,7 @@
 
 import json
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from ueo.errors import UeoError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import batch_finish  # noqa: E402
+import diagnostics_check  # noqa: E402
+import diagnostics_cost  # noqa: E402
 import epoch_speed  # noqa: E402
 import step_speed  # noqa: E402
 import upl_precision  # noqa: E402
@@ -90,3 +93,78 @@ def test_upl_precision_counts_what_fp16_ranking_changes(capsys):
     assert low["near_one"] == [0, 0] and low["fp16_confidences"] == [0, 0]
     assert min(high["near_one"]) > 6 * 16  # more images at "1.0" than a class keeps
     assert min(high["fp16_confidences"]) > 0 and min(high["fp16_logits"]) > 0
+
+
+def test_weighted_spearman_by_hand():
+    """Musgrave et al.'s weighted Spearman on three checkpoints, worked out with fractions.
+
+    Scores 1, 2, 3 against accuracies 1, 3, 2: normalised dense ranks (1/3, 2/3, 1) and
+    (1/3, 1, 2/3), weights max(...)^2 = (1/9, 1, 1); weighted ranks (weight below plus the
+    own weight, no ties) (1/9, 10/9, 19/9) for the scores and (1/9, 19/9, 10/9) for the
+    accuracies; then their weighted Pearson correlation."""
+    w = [Fraction(1, 9), Fraction(1), Fraction(1)]
+    rx = [Fraction(1, 9), Fraction(10, 9), Fraction(19, 9)]
+    ry = [Fraction(1, 9), Fraction(19, 9), Fraction(10, 9)]
+    mx = sum(a * b for a, b in zip(w, rx, strict=True)) / sum(w)
+    my = sum(a * b for a, b in zip(w, ry, strict=True)) / sum(w)
+    cov = sum(a * (x - mx) * (y - my) for a, x, y in zip(w, rx, ry, strict=True))
+    vx = sum(a * (x - mx) ** 2 for a, x in zip(w, rx, strict=True))
+    vy = sum(a * (y - my) ** 2 for a, y in zip(w, ry, strict=True))
+    assert vx == vy and cov / vx == Fraction(-5, 14)
+    got = diagnostics_check.weighted_spearman([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert got == pytest.approx(-5 / 14)
+    # Spearman's rho is +0.5 here: weighted, the swap at the top outweighs the bottom's match.
+    # Unweighted (power 0) it is Spearman's rho, ties included.
+    from scipy.stats import spearmanr
+
+    x, y = [1.0, 2.0, 2.0, 4.0, 5.0, 3.0], [2.0, 1.0, 4.0, 4.0, 6.0, 3.0]
+    assert diagnostics_check.weighted_spearman(x, y, power=0) == pytest.approx(spearmanr(x, y)[0])
+    assert diagnostics_check.weighted_spearman(x, x) == pytest.approx(1.0)
+
+
+def test_diagnostics_check_reads_a_grid_with_learning_curves(
+    image_folder, tmp_path, capsys, calibrated_loads
+):
+    from ueo.cli import main
+
+    classes = tmp_path / "all.txt"
+    classes.write_text("red square\ngreen_circle\nblue stripes\nyellow cross\nblack noise\n")
+    out = tmp_path / "bench"
+    args = ["bench", "--data", str(image_folder), "--classes", str(classes), "--known", "3"]
+    args += ["--model", "test-tiny-rn", "--pretrained", "none", "--epochs", "2"]
+    args += ["--eval-every", "1", "--methods", "zeroshot,ueo,entmin", "--scenarios", "CDA,ODA"]
+    args += ["--batch-size", "16", "--lr-prompt", "0.01", "--lr-norm", "0.01"]
+    args += ["--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    result_file = tmp_path / "check.json"
+    args = ["--out", str(out), "--analyse-only", "--json", str(result_file)]
+    assert diagnostics_check.main(args) == 0
+    text = capsys.readouterr().out
+    result = json.loads(result_file.read_text())
+    # 2 tasks: one zero-shot checkpoint each, and 2 methods x 2 epochs
+    assert result["tasks"] == 2 and result["checkpoints"] == 2 * (1 + 2 * 2)
+    assert result["signs"]["runs"] == 4
+    for key in ("snd", "nuclear", "mcm_split"):
+        assert set(result["correlations"][key]["h"]["spearman"]) == {
+            "images",
+            "CDA",
+            "ODA",
+            "all",
+            "pooled",
+        }
+        assert result["selection"][key]["tasks"] == 2
+    assert result["selection"]["agreement"]["picked_zeroshot"] == 2  # 1.0 at zero-shot only
+    assert "### Pairs of checkpoints" in text and "| nuclear norm |" in text
+
+
+def test_diagnostics_cost_times_scores_beside_an_evaluation(capsys):
+    try:
+        code = diagnostics_cost.main(["--repeats", "1", "--skip-larger", "--json"])
+    except UeoError as exc:
+        pytest.skip(f"testbed data not installed: {exc}")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    t = record["testbed"]
+    assert code == 0 and t["unlabeled"] > 0 and t["images"] > t["unlabeled"]
+    assert t["evaluation_s"] > 0 and t["label_free_s"] > 0
+    assert t["ratio"] == pytest.approx(t["label_free_s"] / t["evaluation_s"])

@@ -100,6 +100,7 @@ def mistakes(t: Path) -> dict[str, list[str]]:
         "prepare unknown dataset": ["prepare", "nope", "--root", str(t), "--out", str(t / "l")],
         "protocol --dataset nope": ["protocol", "--dataset", "nope", "--scenario", "ODA"],
         "demo --device ''": ["demo", "--device", "", "--out", str(t / "demo")],
+        "diagnose missing run": ["diagnose", str(t / "nowhere")],
     }
 
 
@@ -224,6 +225,7 @@ def closed_output_argv(s: dict) -> dict[str, list[str]]:
         "bench": ["bench", "--data", s["data"], "--all-classes", str(t / "all.txt"), "--known", "1"]
         + [*tiny, "--methods", "zeroshot", "--scenarios", "CDA", "--out", str(t / "sweep"), *fast],
         "demo": ["demo", "--quick", "--quiet", "--device", "auto", "--out", str(t / "demo")],
+        "diagnose": ["diagnose", str(s["adapter"])],
     }
 
 

@@ -231,9 +231,10 @@ def test_eval_every_leaves_the_adapter_unchanged(image_folder, single_thread):
     assert [c["epoch"] for c in curves[0]] == [0, 3]
     assert [c["epoch"] for c in curves[1]] == [0, 1, 2, 3]
     assert [c["epoch"] for c in curves[2]] == [0, 2, 3]
-    assert set(curves[1][1]) == {"epoch", "unlabeled", "test"}
+    assert set(curves[1][1]) == {"epoch", "unlabeled", "test", "label_free"}
     assert curves[1][1]["test"]["n"] == len(test)
     assert curves[1][-1]["test"] == curves[0][-1]["test"]
+    assert curves[1][-1]["label_free"] == curves[0][-1]["label_free"]
 
 
 @pytest.mark.parametrize(

@@ -38,8 +38,10 @@ from ueo.checkpoint import (
     unpack_optimizer,
 )
 from ueo.data import BadImages, EpochOrder, ImageSet, make_loader
+from ueo.diagnostics import label_free
 from ueo.distributed import Shard, current_world
 from ueo.errors import UeoError
+from ueo.eventlog import NoEventLog, open_event_log
 from ueo.fingerprint import run_identity
 from ueo.inference import Outputs, infer, metrics_of, workers_of
 from ueo.methods import TRAIN_MASK, Method, get_method
@@ -59,7 +61,8 @@ READ_EVERY = 25
 
 @dataclass
 class AdaptResult:
-    """Plain data about one adaptation run; `metrics` maps phase -> set name -> metrics."""
+    """Plain data about one adaptation run; `metrics` maps phase -> set name -> metrics,
+    `label_free` phase -> label-free scores of the unlabeled set (ueo.diagnostics)."""
 
     metrics: dict
     threshold: float
@@ -72,6 +75,7 @@ class AdaptResult:
     identity: dict | None = None
     outputs: dict = field(default_factory=dict, repr=False)
     timings: dict = field(default_factory=dict)
+    label_free: dict = field(default_factory=dict)
 
 
 def adapt(
@@ -119,6 +123,8 @@ def adapt(
     bad = BadImages(runtime.on_bad_image)
     cache = cache if cache is not None else ImageCache()
     sets = {"unlabeled": unlabeled} if test is None else {"unlabeled": unlabeled, "test": test}
+    main = current_world().main
+    events = open_event_log(runtime, checkpoint_dir) if main else NoEventLog()
 
     def run(images: ImageSet, desc: str) -> Outputs:
         return infer(
@@ -126,11 +132,16 @@ def adapt(
         )
 
     def evaluate_epoch(epoch: int) -> None:
-        """Learning curves: the sets evaluated every `runtime.eval_every` epochs."""
+        """After each epoch: learning curves (the sets evaluated, with their label-free scores,
+        every `runtime.eval_every` epochs), and the epoch's loss to the event log."""
         if runtime.eval_every and epoch % runtime.eval_every == 0 and epoch < recipe.epochs:
             with clock("evaluation"):
                 outs = {k: run(v, f"epoch {epoch} {k}") for k, v in sets.items()}
-            curves.append({"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}})
+                point = {"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}}
+                point["label_free"] = label_free(outs["unlabeled"], zs["unlabeled"], recipe.trade)
+            curves.append(point)
+            events.evaluation(point)
+        events.history(trainer.history[-1:])
 
     trainer = None
     with frozen_weights_in(model, DTYPES[recipe.precision]):
@@ -142,7 +153,9 @@ def adapt(
         for name, images in sets.items():
             _require_readable(zs[name], images, name)
         metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
-        curves = [{"epoch": 0, **metrics["zeroshot"]}]
+        scores = {"zeroshot": label_free(zs["unlabeled"], zs["unlabeled"], recipe.trade)}
+        curves = [{"epoch": 0, **metrics["zeroshot"], "label_free": scores["zeroshot"]}]
+        events.evaluation(curves[0])
         final = zs
         with tuning(model, recipe) as groups:
             if method.trains and groups and recipe.epochs > 0:
@@ -162,8 +175,13 @@ def adapt(
             for name, out in final.items():
                 _require_finite(out, name)
     metrics["adapted"] = {k: metrics_of(final[k], v) for k, v in sets.items()}
+    scores["adapted"] = label_free(final["unlabeled"], zs["unlabeled"], recipe.trade)
     if trainer is not None:
-        curves.append({"epoch": recipe.epochs, **metrics["adapted"]})
+        curves.append(
+            {"epoch": recipe.epochs, **metrics["adapted"], "label_free": scores["adapted"]}
+        )
+        events.evaluation(curves[-1])
+    events.close()
     valid = final["unlabeled"].valid
     threshold = otsu_threshold(final["unlabeled"].score[valid])
     if not math.isfinite(threshold):
@@ -180,6 +198,7 @@ def adapt(
         identity=ck.identity,
         outputs={"zeroshot": zs, "adapted": final},
         timings=clock.phases(),
+        label_free=scores,
     )
 
 

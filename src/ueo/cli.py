@@ -29,6 +29,7 @@ from ueo.names import parse_classes
 from ueo.recipe import (
     AUGMENTATIONS,
     BAD_IMAGE_POLICIES,
+    LOG_TARGETS,
     NONFINITE_POLICIES,
     NORM_LAYERS,
     PRECISIONS,
@@ -123,6 +124,12 @@ def _add_runtime_args(p: argparse.ArgumentParser, training: bool = False) -> Non
             default=0,
             help="also evaluate every N epochs, for learning curves (default 0: before and after)",
         )
+        group.add_argument(
+            "--log",
+            default="files",
+            choices=LOG_TARGETS,
+            help="files (default: metrics.json, log.txt) or also TensorBoard events of the curves",
+        )
 
 
 PRETRAINED_HELP = (
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol_command(sub)
     _add_bench_command(sub)
     _add_demo_command(sub)
+    _add_diagnose_command(sub)
     return parser
 
 
@@ -306,6 +314,19 @@ def _add_demo_command(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_diagnose_command(sub) -> None:
+    p = sub.add_parser(
+        "diagnose", help="compare runs by label-free scores: which to keep, and how sure"
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folders (or their metrics.json); a folder of runs stands for all of them",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (default: readable text)")
+
+
 def recipe_settings(args: argparse.Namespace) -> dict:
     """The recipe options given on the command line (the others keep their defaults)."""
     return {f.name: getattr(args, f.name) for f in fields(Recipe) if hasattr(args, f.name)}
@@ -319,6 +340,7 @@ def runtime_of(args: argparse.Namespace) -> Runtime:
         progress=not args.quiet,
         compile=getattr(args, "compile", False),
         eval_every=getattr(args, "eval_every", 0),
+        log=getattr(args, "log", "files"),
         on_bad_image=args.on_bad_image,
     ).validate()
 
@@ -399,6 +421,11 @@ def check_predict(args) -> None:
     check_output_file(args.out)
     check_input_path(args.adapter, "Adapter file")
     check_input_path(args.data)
+
+
+def check_diagnose(args) -> None:
+    for run in args.runs:
+        check_input_path(run, "Run folder")
 
 
 def _dataset(args) -> str:
@@ -654,6 +681,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    import json
+
+    from ueo.compare import compare_runs, plain
+    from ueo.reports import diagnose_report
+
+    result = compare_runs(args.runs)
+    if args.json:
+        print(json.dumps(plain(result), indent=1))
+    else:
+        print(diagnose_report(result))
+    return 0
+
+
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -667,6 +708,7 @@ COMMANDS = {
     "protocol": cmd_protocol,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "diagnose": cmd_diagnose,
 }
 CHECKS = {  # run before anything heavy is imported; a command without one has nothing to check
     "adapt": check_adapt,
@@ -676,6 +718,7 @@ CHECKS = {  # run before anything heavy is imported; a command without one has n
     "protocol": check_protocol,
     "bench": check_bench,
     "demo": check_demo,
+    "diagnose": check_diagnose,
 }
 
 

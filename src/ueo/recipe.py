@@ -12,6 +12,7 @@ Defaults are the reference recipe of docs/spec.md.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -24,6 +25,7 @@ AUGMENTATIONS = ("default", "none")
 NORM_LAYERS = ("reference", "all")
 BAD_IMAGE_POLICIES = ("skip", "error")
 NONFINITE_POLICIES = ("stop", "skip")
+LOG_TARGETS = ("files", "tensorboard")
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_SEED = 2023
 MAX_SEED = 2**63 - 1  # torch and numpy generators take any seed up to this
@@ -112,7 +114,8 @@ class Runtime:
 
     `workers=None` picks data-loading processes from the CPUs this process may use.
     `eval_every=N` also evaluates every N epochs during training (learning curves); 0 = only
-    before and after.
+    before and after. `log="tensorboard"` also writes the learning curves as TensorBoard
+    events into the run folder (ueo.eventlog); plain files are always written.
     """
 
     device: str = "auto"
@@ -123,6 +126,7 @@ class Runtime:
     on_bad_image: str = "skip"
     channels_last: bool = True
     eval_every: int = 0
+    log: str = "files"
 
     def validate(self) -> Runtime:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -132,6 +136,11 @@ class Runtime:
         _check_int("eval-batch-size", self.eval_batch_size, 1)
         _check_int("eval-every", self.eval_every, 0)
         _check_choice("on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        _check_choice("log", self.log, LOG_TARGETS)
+        if self.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise UeoError(
+                "--log tensorboard needs the tensorboard package: pip install 'ueo[tensorboard]'."
+            )
         return self
 
     def replace(self, **changes) -> Runtime:

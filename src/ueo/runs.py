@@ -54,8 +54,8 @@ def save_run(
 
 
 def run_record(model: UeoModel, result: AdaptResult, extra: dict | None = None) -> dict:
-    """The content of metrics.json: metrics before and after, recipe, cost (`timings_s`: where
-    the wall time went, per phase)."""
+    """The content of metrics.json: metrics and label-free scores before and after, recipe,
+    cost (`timings_s`: where the wall time went, per phase)."""
     return {
         "ueo_version": __version__,
         "model": model.clip.model_name,
@@ -66,6 +66,7 @@ def run_record(model: UeoModel, result: AdaptResult, extra: dict | None = None) 
         **(extra or {}),
         "zeroshot": result.metrics["zeroshot"],
         "adapted": result.metrics["adapted"],
+        "label_free": result.label_free,
         "threshold": result.threshold,
         "history": result.history,
         "curves": result.curves,

@@ -71,24 +71,47 @@ def curve_plot(lines: dict[str, dict[int, dict]], scenario: str, path: Path) -> 
     `lines[method][epoch][metric]`; a method evaluated only before training (zero-shot) is a
     dashed horizontal line.
     """
-    last = max(e for points in lines.values() for e in points)
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.3))
     for ax, metric in zip(axes, CURVE_METRICS, strict=True):
-        for method, points in lines.items():
-            xs = [e for e, v in points.items() if v[metric] is not None]
-            ys = [100 * points[e][metric] for e in xs]
-            if len(xs) == 1:
-                ax.plot([0, last], ys * 2, "--", lw=1.2, label=method)
-            elif xs:
-                ax.plot(xs, ys, "-o", ms=3, lw=1.4, label=method)
+        _epoch_lines(ax, lines, metric, 100)
         ax.set_title(
             f"{scenario}: {METRIC_TITLES[metric]} (test set, mean over domains)", fontsize=9
         )
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("%")
-        ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def score_plot(
+    lines: dict[str, dict[int, dict]], scenario: str, titles: dict[str, str], path: Path
+) -> Path:
+    """Label-free scores of the unlabeled set against epochs, one panel per score (`titles`:
+    key -> panel title), one line per method, as `curve_plot` draws ACC and AUROC."""
+    cols = 3
+    rows = -(-len(titles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.8 * rows), squeeze=False)
+    for i, (ax, (key, title)) in enumerate(zip(axes.flat, titles.items(), strict=False)):
+        _epoch_lines(ax, lines, key, 1, legend=i == 0)
+        ax.set_title(f"{scenario}: {title}", fontsize=9)
+    for ax in list(axes.flat)[len(titles) :]:
+        ax.set_visible(False)
+    return save_figure(fig, path)
+
+
+def _epoch_lines(
+    ax, lines: dict[str, dict[int, dict]], key: str, scale: float, legend: bool = True
+) -> None:
+    last = max(e for points in lines.values() for e in points)
+    for method, points in lines.items():
+        xs = [e for e, v in points.items() if v.get(key) is not None]
+        ys = [scale * points[e][key] for e in xs]
+        if len(xs) == 1:
+            ax.plot([0, last], ys * 2, "--", lw=1.2, label=method)
+        elif xs:
+            ax.plot(xs, ys, "-o", ms=3, lw=1.4, label=method)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if legend:
+        ax.legend(fontsize=7)
 
 
 def roc_plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path) -> Path:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ueo.bench.plots import CURVE_METRICS, METRIC_TITLES, TABLE_METRICS, curve_plot, method_plot
+from ueo.bench.plots import (
+    CURVE_METRICS,
+    METRIC_TITLES,
+    TABLE_METRICS,
+    curve_plot,
+    method_plot,
+    score_plot,
+)
+from ueo.diagnostics import SCORE_KEYS, SCORES
 from ueo.io import write_json, write_text
 from ueo.metrics import METRIC_NAMES
 from ueo.reports import fmt
@@ -77,8 +85,11 @@ def summary(results: list, settings: dict, metric_set: str = "test") -> dict:
     return {"mean": mean, "domains": domains, "settings": settings}
 
 
-def learning_curves(results: list, metric_set: str = "test") -> dict:
-    """{scenario: {method: {epoch: {"acc", "auroc"}}}} from the cells' `curves` (--eval-every).
+def learning_curves(
+    results: list, metric_set: str = "test", keys: tuple[str, ...] = CURVE_METRICS
+) -> dict:
+    """{scenario: {method: {epoch: {key: value}}}} from the cells' `curves` (--eval-every):
+    `keys` of the `metric_set` ("test", "unlabeled", or "label_free" for the label-free scores).
 
     As in `summary`, seeds are averaged within a domain, then domains are averaged. A scenario
     appears only when some cell was evaluated between epoch 0 (zero-shot) and its last epoch.
@@ -99,8 +110,8 @@ def learning_curves(results: list, metric_set: str = "test") -> dict:
         for method, epochs in per[scenario].items():
             out[scenario][method] = {
                 epoch: {
-                    k: _mean([_mean([r[k] for r in runs]) for runs in domains.values()])
-                    for k in CURVE_METRICS
+                    k: _mean([_mean([r.get(k) for r in runs]) for runs in domains.values()])
+                    for k in keys
                 }
                 for epoch, domains in sorted(epochs.items())
             }
@@ -144,6 +155,13 @@ def markdown(results: list, title: str, metric_set: str = "test") -> str:
     return "\n".join(lines)
 
 
+def _score_title(score) -> str:
+    """A panel's title: the score, which way is better, and whether it is a control."""
+    better = {True: "higher is better", False: "lower is better", None: "information"}
+    control = ", restates an objective" if score.kind == "control" else ""
+    return f"{score.title} ({better[score.higher_is_better]}{control})"
+
+
 def _pm(values: list[float]) -> str:
     if not values:
         return "-"
@@ -162,11 +180,13 @@ def write_csv(path: Path, table: list[dict]) -> Path:
 
 def write_report(results: list, out: Path, title: str, settings: dict) -> dict[str, Path]:
     """results.csv, results.json, results.md and one plot per scenario, all from the cells;
-    with learning curves (--eval-every), also ACC and AUROC against epochs per scenario."""
+    with learning curves (--eval-every), also ACC and AUROC against epochs per scenario, and
+    the label-free scores of the unlabeled set against epochs."""
     out.mkdir(parents=True, exist_ok=True)
     written = {"csv": write_csv(out / "results.csv", rows(results))}
     data = summary(results, settings)
     data["curves"] = learning_curves(results)
+    data["label_free_curves"] = learning_curves(results, "label_free", SCORE_KEYS)
     written["json"] = write_json(out / "results.json", data)
     written["md"] = write_text(out / "results.md", markdown(results, title) + "\n")
     (out / "plots").mkdir(exist_ok=True)
@@ -174,4 +194,8 @@ def write_report(results: list, out: Path, title: str, settings: dict) -> dict[s
         written[f"plot_{s}"] = method_plot(data["mean"], s, out / "plots" / f"{s}.png")
     for s, lines in data["curves"].items():
         written[f"curves_{s}"] = curve_plot(lines, s, out / "plots" / f"curves_{s}.png")
+    titles = {x.key: _score_title(x) for x in SCORES}
+    for s, lines in data["label_free_curves"].items():
+        path = out / "plots" / f"label_free_{s}.png"
+        written[f"label_free_{s}"] = score_plot(lines, s, titles, path)
     return written

@@ -78,12 +78,14 @@ def run_demo(
     recipe: Recipe | None = None,
     runtime: Runtime | None = None,
     methods: list[str] | None = None,
+    seeds: list[int] | None = None,
     processes: int | None = None,
 ) -> dict:
     """Run the demo grid and write results.{json,md,csv} and plots; returns results.json.
 
     `quick`: one domain and fewer epochs. `recipe` replaces the demo recipe. `processes`: how
     many processes share the cells on the CPU (default one per available CPU, see `parts`).
+    `seeds` (default: the recipe's) repeat every adapted cell with other seeds.
     """
     out = check_output_dir(out)
     if model not in BUNDLED_MODELS:
@@ -94,6 +96,7 @@ def run_demo(
         recipe=recipe or demo_recipe(quick),
         runtime=runtime or Runtime(device="cpu", workers=0),
         methods=methods or demo_methods(),
+        seeds=seeds or [(recipe or demo_recipe(quick)).seed],
     ).validate()
     testbed = build_testbed()
     domains = list(testbed.domains)[:1] if quick else None
