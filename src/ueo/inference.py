@@ -19,10 +19,14 @@ from ueo.runtime import autocast, default_workers, resolve_device
 
 @dataclass
 class Outputs:
-    """Per-image results of one pass; rows of unreadable images are NaN and `valid` False."""
+    """Per-image results of one pass; rows of unreadable images are NaN and `valid` False.
+
+    `features` (L2-normalised image features) is kept only when `infer` is asked for it.
+    """
 
     cos: np.ndarray
     valid: np.ndarray
+    features: np.ndarray | None = None
 
     @property
     def pred(self) -> np.ndarray:
@@ -47,11 +51,13 @@ def infer(
     bad: BadImages | None = None,
     desc: str = "infer",
     cache: ImageCache | None = None,
+    features: bool = False,
 ) -> Outputs:
     """Cosine similarities of every image to every known class, with the test transform.
 
     The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
     the test transform's pixels for the next pass over the same images (ueo.cache).
+    `features` also keeps the image features of the same pass (`ueo discover` clusters them).
     """
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
@@ -59,6 +65,7 @@ def infer(
     text = model.text_features()
     cos = np.full((len(images), model.prompt.num_classes), np.nan, dtype=np.float32)
     valid = np.zeros(len(images), dtype=bool)
+    feats = np.full((len(images), text.shape[1]), np.nan, dtype=np.float32) if features else None
     loader = make_loader(
         images,
         model.clip.test_transform(),
@@ -76,10 +83,13 @@ def infer(
             if x is None:
                 continue
             with autocast(device, precision):
-                out = model(x.to(device, non_blocking=True), text)
+                f = model.image_features(x.to(device, non_blocking=True))
+                out = f @ text.t()  # model.forward, with the features at hand
             cos[idx.numpy()] = out.float().cpu().numpy()
             valid[idx.numpy()] = True
-    return Outputs(cos, valid)
+            if feats is not None:
+                feats[idx.numpy()] = f.float().cpu().numpy()
+    return Outputs(cos, valid, feats)
 
 
 def metrics_of(outputs: Outputs, images: ImageSet) -> dict | None:
