@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (default: readable text)")
 
     _add_bench_command(sub)
+    _add_discover_command(sub)
 
     p = sub.add_parser(
         "demo", help="offline demo: a bundled tiny CLIP on the universal-shift testbed"
@@ -233,6 +234,50 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the cells and what exists")
     _add_recipe_args(p, skip=BENCH_GRID_FIELDS)
     _add_runtime_args(p, training=True)
+
+
+def _add_discover_command(sub) -> None:
+    p = sub.add_parser(
+        "discover", help="group and name the images an adapted model rejects as unknown"
+    )
+    p.add_argument("--adapter", required=True, help="adapter.safetensors (or its run directory)")
+    p.add_argument("--pretrained", default=None, help="override the base weights in the adapter")
+    p.add_argument(
+        "--data",
+        "--images",
+        dest="data",
+        required=True,
+        help="image folder, image-list file, folder of loose images or one image file",
+    )
+    p.add_argument("--data-root", default=None, help="root for relative paths of an image list")
+    p.add_argument(
+        "--vocabulary",
+        default=None,
+        help="candidate names, one per line (default: WordNet's nouns, Debian's wordnet-base)",
+    )
+    p.add_argument(
+        "--out", required=True, help="folder for clusters.csv, clusters.md, sheets/, discover.json"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="MCM threshold in [0, 1] below which an image is unknown (default: the adapter's)",
+    )
+    p.add_argument(
+        "--clusters", type=int, default=None, help="number of clusters (default: chosen)"
+    )
+    p.add_argument(
+        "--k-select",
+        default="silhouette",
+        choices=("silhouette", "gcd"),
+        help="how the number of clusters is chosen (default silhouette)",
+    )
+    p.add_argument(
+        "--max-clusters", type=int, default=15, help="largest number tried (default 15)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    _add_runtime_args(p)
 
 
 def recipe_settings(args: argparse.Namespace) -> dict:
@@ -442,6 +487,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_discover(args) -> int:
+    from ueo.discovery import DiscoverSettings
+    from ueo.discovery_files import discovery_table
+    from ueo.jobs import discover_job
+
+    settings = DiscoverSettings(args.clusters, args.k_select, args.max_clusters, args.seed)
+    runtime = runtime_of(args)
+    _setup_logging(args.quiet)
+    found, _ = discover_job(
+        args.adapter,
+        args.data,
+        args.out,
+        vocabulary=args.vocabulary,
+        pretrained=args.pretrained,
+        threshold=args.threshold,
+        settings=settings,
+        runtime=runtime,
+        data_root=args.data_root,
+    )
+    print(discovery_table(found))
+    print(f"\nwrote {args.out}/clusters.csv, clusters.md, discover.json and sheets/*.png")
+    return 0
+
+
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -455,6 +524,7 @@ COMMANDS = {
     "protocol": cmd_protocol,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "discover": cmd_discover,
 }
 
 
