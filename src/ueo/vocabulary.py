@@ -227,7 +227,7 @@ def encode_vocabulary(
     path = folder / f"{key}.safetensors"
     cached = _read_cached(path, components)
     if cached is not None:
-        log.info("Vocabulary of %d names read from the cache %s", len(cached[0]), path)
+        log.debug("Vocabulary of %d names read from the cache %s", len(cached[0]), path)
         return cached
     names = fitting_names(model, vocabulary.names)
     if not names:
