@@ -102,7 +102,7 @@ def summary_table(cells: list[dict]) -> str:
             f"{unknown:.0f} of them of unknown classes (mean)",
             "",
             "| variant | cluster acc | NMI | ARI | k | unknown classes | classes rejected "
-            "| name top-1 | name top-5 | likely-known clusters (known-majority) |",
+            "| name top-1 | name top-5 | likely known (known majority; flags right) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for variant in mine[0]["variants"]:
@@ -110,7 +110,8 @@ def summary_table(cells: list[dict]) -> str:
             cells_ = [fmt(_mean([r[s] for r in runs])) for s in SCORES]  # percent, or '-'
             known = (
                 f"{_mean([r['likely_known_clusters'] for r in runs]):.1f} "
-                f"({_mean([r['known_majority_clusters'] for r in runs]):.1f})"
+                f"({_mean([r['known_majority_clusters'] for r in runs]):.1f}; "
+                f"{fmt(_mean([r['likely_known_agreement'] for r in runs]), 0)}% agree)"
                 if "likely_known_clusters" in runs[0]
                 else "-"
             )

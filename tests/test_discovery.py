@@ -153,10 +153,30 @@ def test_a_cluster_nearer_a_known_class_is_reported_as_likely_known():
     names, vocab = vocabulary_for(0.8 * np.eye(32)[:2] + 0.6 * np.eye(32)[[5, 6]], ["u", "v"])
     out = Outputs(np.zeros((16, 2), np.float32), np.ones(16, bool), feats)
     found = discover_outputs(out, image_set(16), 1.0, texts, ["cat", "dog"], names, vocab)
-    likely = {c.nearest_known: c.likely_known for c in found.clusters}
-    by_known = {c.nearest_known: c.known_cos for c in found.clusters}
-    assert likely["cat"] is True and by_known["cat"] > 0.99
-    assert [c.likely_known for c in found.clusters].count(True) == 1
+    flagged, other = sorted(found.clusters, key=lambda c: not c.likely_known)
+    assert flagged.likely_known and not other.likely_known
+    assert (flagged.nearest_known, flagged.known_share) == ("cat", 1.0)
+    assert flagged.known_cos > 0.99 and other.known_cos < 0.2 and other.known_share == 0.0
+
+
+@pytest.mark.parametrize("own, likely", [([4, 2, 2, 2], True), ([4, 4, 1, 1], False)])
+def test_likely_known_is_a_plurality_of_votes_over_known_classes_and_vocabulary(own, likely):
+    """One group: `own[0]` images nearest the known class "cat", the others nearest three
+    vocabulary names. A known class needs more votes than any single name (not a majority:
+    a large vocabulary scatters its votes)."""
+    rng = np.random.default_rng(0)
+    directions = np.repeat(np.eye(32)[:4], own, axis=0) + 0.01 * rng.normal(size=(sum(own), 32))
+    feats = (directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32)
+    texts = np.eye(32, dtype=np.float32)[[0, 20]]
+    names, vocab = vocabulary_for(np.eye(32)[1:4], ["u", "v", "w"])
+    out = Outputs(np.zeros((len(feats), 2), np.float32), np.ones(len(feats), bool), feats)
+    found = discover_outputs(
+        out, image_set(len(feats)), 1.0, texts, ["cat", "dog"], names, vocab,
+        DiscoverSettings(clusters=1),
+    )  # fmt: skip
+    (group,) = found.clusters
+    assert group.known_share == pytest.approx(own[0] / sum(own))
+    assert group.likely_known is likely and group.name in ("u", "v", "w")
 
 
 def test_no_rejected_image_is_a_clear_answer():

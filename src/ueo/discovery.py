@@ -19,8 +19,10 @@
    name (ties go to the names with the higher mean probability, softmax of 100 x cosine over
    the vocabulary). Each cluster also lists its top names with their shares of the votes.
 4. Known classes rejected by mistake: each cluster's centroid is compared with the known
-   classes (nearest one, cosine), and a cluster whose images are mostly nearer a known class
-   than any vocabulary name is reported as likely a known class.
+   classes (nearest one, cosine). The images also vote over the known classes and the
+   vocabulary together; a cluster whose most voted name would then be a known class is
+   reported as likely that known class. (A plurality, not a majority: the votes of a large
+   vocabulary scatter over many near names, those of a known class do not.)
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class Cluster:
     nearest_known: str
     known_cos: float  # cosine of the centroid to its nearest known class
     known_share: float  # share of its images nearer a known class than any vocabulary name
-    likely_known: bool  # known_share > 0.5
+    likely_known: bool  # a known class would win its votes over known classes and vocabulary
 
 
 @dataclass
@@ -209,6 +211,7 @@ def discover_outputs(
         labels, selection = _groups(feats, outputs, valid & ~rejected, settings)
     k = int(labels.max()) + 1
     votes, soft, image_top, known_vote = _votes(feats, labels, k, vocab_features, known_text)
+    free = known_vote < 0  # the images whose nearest name over both is a vocabulary name
     name_score = votes + soft / (k + 1)  # votes first; the mean probability breaks ties
     assigned = assign_names(name_score)
     centroids = _unit(np.stack([feats[labels == c].mean(0) for c in range(k)]))
@@ -220,7 +223,9 @@ def discover_outputs(
         order = np.lexsort((-soft[c], -votes[c]))[:TOP_NAMES]
         n = int(members.sum())
         best_known = int(known_cos[c].argmax())
-        share = float(known_vote[members].mean())
+        share = float((~free[members]).mean())
+        known_votes = np.bincount(known_vote[members & ~free], minlength=len(known_names))
+        vocab_votes = np.bincount(image_top[members & free, 0], minlength=len(vocab_names))
         clusters.append(
             Cluster(
                 id=c,
@@ -234,7 +239,7 @@ def discover_outputs(
                 nearest_known=known_names[best_known],
                 known_cos=float(known_cos[c, best_known]),
                 known_share=share,
-                likely_known=share > 0.5,
+                likely_known=bool(known_votes.max() > vocab_votes.max()),
             )
         )
     # Largest group first, ids from 1.
@@ -393,27 +398,27 @@ def _votes(
     known_text: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per cluster and name: votes (images whose nearest name it is) and mean probability;
-    per image: its TOP_NAMES nearest names, and whether a known class is nearer than all."""
+    per image: its TOP_NAMES nearest names, and the known class nearer than every name (-1 for
+    none)."""
     n, size = len(feats), np.bincount(labels, minlength=k)
     votes = np.zeros((k, len(vocab)), np.int64)
     soft = np.zeros((k, len(vocab)))
     top_n = min(TOP_NAMES, len(vocab))
     image_top = np.full((n, TOP_NAMES), -1, np.int64)
-    known_vote = np.zeros(n, bool)
+    known_vote = np.full(n, -1, np.int64)
     for start in range(0, n, CHUNK):
         part = slice(start, start + CHUNK)
         sims = feats[part] @ vocab.T
         lab = labels[part]
         near = np.argpartition(-sims, top_n - 1, axis=1)[:, :top_n]
-        near = np.take_along_axis(
-            near, np.argsort(-np.take_along_axis(sims, near, 1), axis=1), 1
-        )
+        near = np.take_along_axis(near, np.argsort(-np.take_along_axis(sims, near, 1), axis=1), 1)
         image_top[part, :top_n] = near
         np.add.at(votes, (lab, near[:, 0]), 1)
         prob = softmax(LOGIT_SCALE * sims, axis=1)
         for c in np.unique(lab):
             soft[c] += prob[lab == c].sum(0)
-        known_vote[part] = (feats[part] @ known_text.T).max(1) > sims.max(1)
+        to_known = feats[part] @ known_text.T
+        known_vote[part] = np.where(to_known.max(1) > sims.max(1), to_known.argmax(1), -1)
     return votes, soft / size[:, None], image_top, known_vote
 
 
@@ -440,18 +445,23 @@ def evaluate_discovery(found: Discovery, true_names: list[str], known: list[str]
     """Cluster accuracy (Hungarian), NMI and ARI over all rejected images (each with its own
     class, known or not); the chosen k against the unknown classes present; naming accuracy
     over the rejected images of unknown classes (their cluster's name is their class; their
-    class is among its top names). `true_names`: the class of each rejected image."""
+    class is among its top names); the clusters flagged likely known against those whose
+    majority is a known class. `true_names`: the class of each rejected image."""
     names = {c.id: c for c in found.clusters}
     assigned = [names[c].name for c in found.cluster]
     top = [[n for n, _ in names[c].top_names] for c in found.cluster]
     scores = grouping_scores(true_names, found.cluster, assigned, top, known)
-    truly_known = 0
+    truly_known = []
     for c in found.clusters:
         members = [t for t, cl in zip(true_names, found.cluster, strict=True) if cl == c.id]
         majority = max(set(members), key=members.count)
-        truly_known += _key(majority) in {_key(n) for n in known}
-    scores["likely_known_clusters"] = sum(c.likely_known for c in found.clusters)
-    scores["known_majority_clusters"] = truly_known
+        truly_known.append(_key(majority) in {_key(n) for n in known})
+    flags = [c.likely_known for c in found.clusters]
+    scores["likely_known_clusters"] = sum(flags)
+    scores["known_majority_clusters"] = sum(truly_known)
+    scores["likely_known_agreement"] = (
+        float(np.mean(np.equal(flags, truly_known))) if flags else None
+    )
     return scores
 
 

@@ -118,8 +118,9 @@ def clusters_markdown(found: Discovery, record: dict) -> str:
     lines += [
         "",
         "tightness: mean cosine of a cluster's images to its centroid (1 = identical images). "
-        "likely known: the share of its images nearer a known class than any vocabulary name "
-        "(over half: yes), for known-class images rejected by mistake. A name is `-` when "
+        "likely known: whether a known class would get the most votes if the known classes "
+        "were names too (in brackets, the share of its images nearer a known class than any "
+        "vocabulary name), for known-class images rejected by mistake. A name is `-` when "
         "there are more clusters than names. Contact sheets: "
         f"`{SHEETS}/cluster-NN.png` ({SHEET_IMAGES} images nearest the centroid).",
         "",
