@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ueo-installed
 FASHION := /usr/share/datasets/fashion-mnist
+WORDNET := /usr/share/wordnet/index.noun
 
-.PHONY: demo test lint fashion-mnist clean wheels
+.PHONY: demo test lint fashion-mnist wordnet clean wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,18 @@ fashion-mnist:
 	  else \
 	    echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist" \
 	         "(sudo apt-get install dataset-fashion-mnist) or set UEO_FASHION_MNIST to its folder." >&2; \
+	  fi; \
+	fi
+
+# WordNet's nouns: the default vocabulary of `ueo discover` (neither the demo nor the tests need it).
+wordnet:
+	@if [ ! -f $(WORDNET) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing the Debian package wordnet-base (ueo discover's default vocabulary)"; \
+	    apt-get update -qq && apt-get install -y -qq wordnet-base >/dev/null; \
+	  else \
+	    echo "WordNet is missing: install the Debian package wordnet-base" \
+	         "(sudo apt-get install wordnet-base) or give ueo discover --vocabulary FILE." >&2; \
 	  fi; \
 	fi
 

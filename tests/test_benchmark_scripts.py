@@ -168,3 +168,52 @@ def test_diagnostics_cost_times_scores_beside_an_evaluation(capsys):
     assert code == 0 and t["unlabeled"] > 0 and t["images"] > t["unlabeled"]
     assert t["evaluation_s"] > 0 and t["label_free_s"] > 0
     assert t["ratio"] == pytest.approx(t["label_free_s"] / t["evaluation_s"])
+
+
+def test_discover_eval_scores_every_variant_of_a_demo_cell(tmp_path, capsys):
+    """An untrained UEO cell of the demo's layout (blur, ODA): every variant is scored."""
+    import discover_eval
+
+    from ueo.api import adapt, load_model, save_run
+    from ueo.bench.sweep import Cell
+    from ueo.demo.runner import testbed_suite
+    from ueo.demo.testbed import build_testbed
+    from ueo.recipe import Recipe, Runtime
+
+    try:
+        suite = testbed_suite(build_testbed())
+    except UeoError as exc:
+        pytest.skip(f"testbed data not installed: {exc}")
+    cell = Cell("blur", "ODA", "ueo", Recipe().seed)
+    known, unlabeled, _ = suite.scenario_sets(suite.domain("blur"), "ODA")
+    model = load_model("ueo-tiny-rn", "bundled", known)
+    runtime = Runtime(device="cpu", workers=0, progress=False)
+    save_run(cell.path(tmp_path), model, adapt(model, unlabeled, Recipe(epochs=0), runtime))
+    assert discover_eval.main(["--runs", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "discover_eval" / "discover_eval.json").read_text())
+    (only,) = record["cells"]
+    assert (only["domain"], only["scenario"], only["images"]) == ("blur", "ODA", len(unlabeled))
+    variants = only["variants"]
+    assert len(variants) == 5 and "per-image naming (no clusters)" in variants
+    for scores in variants.values():
+        assert scores["true_k"] == 4 and scores["rejected"] > 0
+        for key in ("cluster_acc", "nmi", "ari", "name_top1", "name_top5"):
+            assert 0.0 <= scores[key] <= 1.0, key
+    true_k = next(v for name, v in variants.items() if name.startswith("true k: unknown"))
+    assert true_k["k"] == 4
+    assert "| ueo discover (silhouette) |" in capsys.readouterr().out
+
+
+def test_discover_cost_measures_its_three_parts(tmp_path, capsys):
+    import discover_cost
+
+    vocabulary = tmp_path / "names.txt"
+    vocabulary.write_text("\n".join(f"thing {i}" for i in range(40)))
+    argv = ["--model", "test-tiny-rn", "--pretrained", "none", "--vocabulary", str(vocabulary)]
+    argv += ["--names", "30", "--images", "200", "--pass-images", "4", "--json"]
+    argv += ["--folder", str(tmp_path / "jpegs")]
+    assert discover_cost.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["names"] == 30 and record["images"] == 200 and 2 <= record["k"] <= 15
+    for key in ("encode_s", "cached_read_s", "image_pass_s", "groups_s"):
+        assert record[key] > 0

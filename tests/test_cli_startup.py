@@ -101,6 +101,10 @@ def mistakes(t: Path) -> dict[str, list[str]]:
         "protocol --dataset nope": ["protocol", "--dataset", "nope", "--scenario", "ODA"],
         "demo --device ''": ["demo", "--device", "", "--out", str(t / "demo")],
         "diagnose missing run": ["diagnose", str(t / "nowhere")],
+        "discover --clusters 0": ["discover", "--adapter", afile, "--data", images]
+        + ["--out", str(t / "found"), "--clusters", "0"],
+        "discover --vocabulary missing": ["discover", "--adapter", afile, "--data", images]
+        + ["--out", str(t / "found"), "--vocabulary", str(t / "nowhere.txt")],
     }
 
 
@@ -111,6 +115,7 @@ def unwritable_outs(t: Path) -> dict[str, list[str]]:
         "adapt": ["adapt", "--model", "RN50", "--data", images, "--classes", "a,b"],
         "eval": ["eval", "--zeroshot", "--model", "RN50", "--classes", "a,b", "--data", images],
         "predict": ["predict", "--adapter", afile, "--data", images],
+        "discover": ["discover", "--adapter", afile, "--data", images],
         "bench": ["bench", "--data", images, "--all-classes", "a,b", "--known", "1"],
         "prepare": ["prepare", "office31", "--root", str(t)],
         "demo": ["demo"],
@@ -226,6 +231,9 @@ def closed_output_argv(s: dict) -> dict[str, list[str]]:
         + [*tiny, "--methods", "zeroshot", "--scenarios", "CDA", "--out", str(t / "sweep"), *fast],
         "demo": ["demo", "--quick", "--quiet", "--device", "auto", "--out", str(t / "demo")],
         "diagnose": ["diagnose", str(s["adapter"])],
+        "discover": ["discover", "--adapter", str(s["adapter"]), "--data", s["data"]]
+        + ["--vocabulary", str(t / "all.txt"), "--threshold", "1", "--out", str(t / "found")]
+        + fast,
     }
 
 

@@ -1,6 +1,6 @@
 """ueo: realistic unsupervised fine-tuning of CLIP-style models with Universal Entropy Optimization.
 
-`from ueo import load_model, adapt, evaluate, predict` gives the Python API (see ueo.api,
+`from ueo import load_model, adapt, evaluate, predict, discover` gives the Python API (see ueo.api,
 and ueo.jobs for what each command does); it is imported on first use so that `import ueo`
 and the command line's parser stay free of torch.
 """
@@ -26,14 +26,20 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _API = (
     "AdaptResult",
+    "DiscoverSettings",
+    "Discovery",
     "Recipe",
     "Runtime",
+    "Vocabulary",
     "adapt",
+    "discover",
     "evaluate",
     "load_adapted",
     "load_model",
+    "load_vocabulary",
     "predict",
     "save_run",
+    "without_known",
 )
 __all__ = ["__version__", *_API]
 

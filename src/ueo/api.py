@@ -1,4 +1,4 @@
-"""The Python API: load a model, adapt it, save the run, evaluate, predict.
+"""The Python API: load a model, adapt it, save the run, evaluate, predict, discover.
 
 `ueo.jobs` composes these into what each `ueo` command does.
 """
@@ -12,6 +12,7 @@ import numpy as np
 from ueo.adaptation import AdaptResult, adapt
 from ueo.clip import load_clip
 from ueo.data import BadImages, ImageSet
+from ueo.discovery import DiscoverSettings, Discovery, discover
 from ueo.errors import UeoError
 from ueo.inference import infer, metrics_of
 from ueo.io import load_adapter
@@ -20,17 +21,24 @@ from ueo.objectives import LOGIT_SCALE
 from ueo.recipe import Recipe, Runtime
 from ueo.runs import save_run
 from ueo.runtime import resolve_device
+from ueo.vocabulary import Vocabulary, load_vocabulary, without_known
 
 __all__ = [
     "AdaptResult",
+    "DiscoverSettings",
+    "Discovery",
     "Recipe",
     "Runtime",
+    "Vocabulary",
     "adapt",
+    "discover",
     "evaluate",
     "load_adapted",
     "load_model",
+    "load_vocabulary",
     "predict",
     "save_run",
+    "without_known",
 ]
 
 

@@ -33,6 +33,7 @@ from ueo.recipe import (
     NONFINITE_POLICIES,
     NORM_LAYERS,
     PRECISIONS,
+    DiscoverSettings,
     Recipe,
     Runtime,
 )
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_command(sub)
     _add_protocol_command(sub)
     _add_bench_command(sub)
+    _add_discover_command(sub)
     _add_demo_command(sub)
     _add_diagnose_command(sub)
     return parser
@@ -327,6 +329,48 @@ def _add_diagnose_command(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (default: readable text)")
 
 
+def _add_discover_command(sub) -> None:
+    p = sub.add_parser(
+        "discover", help="group and name the images an adapted model rejects as unknown"
+    )
+    p.add_argument("--adapter", required=True, help="adapter.safetensors (or its run directory)")
+    p.add_argument("--pretrained", default=None, help="override the base weights in the adapter")
+    p.add_argument(
+        "--data",
+        "--images",
+        dest="data",
+        required=True,
+        help="image folder, image-list file, folder of loose images or one image file",
+    )
+    p.add_argument("--data-root", default=None, help="root for relative paths of an image list")
+    p.add_argument(
+        "--vocabulary",
+        default=None,
+        help="candidate names, one per line (default: WordNet's nouns, Debian's wordnet-base)",
+    )
+    p.add_argument(
+        "--out", required=True, help="folder for clusters.csv, clusters.md, sheets/, discover.json"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="MCM threshold in [0, 1] below which an image is unknown (default: the adapter's)",
+    )
+    p.add_argument(
+        "--clusters", type=int, default=None, help="number of clusters (default: chosen)"
+    )
+    p.add_argument(
+        "--k-select",
+        default="silhouette",
+        choices=("silhouette", "gcd"),
+        help="how the number of clusters is chosen (default silhouette)",
+    )
+    p.add_argument("--max-clusters", type=int, default=15, help="largest number tried (default 15)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    _add_runtime_args(p)
+
+
 def recipe_settings(args: argparse.Namespace) -> dict:
     """The recipe options given on the command line (the others keep their defaults)."""
     return {f.name: getattr(args, f.name) for f in fields(Recipe) if hasattr(args, f.name)}
@@ -421,6 +465,21 @@ def check_predict(args) -> None:
     check_output_file(args.out)
     check_input_path(args.adapter, "Adapter file")
     check_input_path(args.data)
+
+
+def discover_settings(args) -> DiscoverSettings:
+    return DiscoverSettings(args.clusters, args.k_select, args.max_clusters, args.seed).validate()
+
+
+def check_discover(args) -> None:
+    runtime_of(args)
+    discover_settings(args)
+    check_threshold(args.threshold)
+    check_output_dir(args.out)
+    check_input_path(args.adapter, "Adapter file")
+    check_input_path(args.data)
+    if args.vocabulary:
+        check_input_path(args.vocabulary, "Vocabulary file")
 
 
 def check_diagnose(args) -> None:
@@ -695,6 +754,30 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def cmd_discover(args) -> int:
+    _use_available_cpus()
+    from ueo.discovery_files import discovery_table
+    from ueo.jobs import discover_job
+
+    settings = discover_settings(args)
+    runtime = runtime_of(args)
+    _setup_logging(args.quiet)
+    found, _ = discover_job(
+        args.adapter,
+        args.data,
+        args.out,
+        vocabulary=args.vocabulary,
+        pretrained=args.pretrained,
+        threshold=args.threshold,
+        settings=settings,
+        runtime=runtime,
+        data_root=args.data_root,
+    )
+    print(discovery_table(found))
+    print(f"\nwrote {args.out}/clusters.csv, clusters.md, discover.json and sheets/*.png")
+    return 0
+
+
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -709,6 +792,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "diagnose": cmd_diagnose,
+    "discover": cmd_discover,
 }
 CHECKS = {  # run before anything heavy is imported; a command without one has nothing to check
     "adapt": check_adapt,
@@ -719,6 +803,7 @@ CHECKS = {  # run before anything heavy is imported; a command without one has n
     "bench": check_bench,
     "demo": check_demo,
     "diagnose": check_diagnose,
+    "discover": check_discover,
 }
 
 

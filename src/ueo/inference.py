@@ -20,10 +20,14 @@ from ueo.runtime import DTYPES, autocast, default_workers, resolve_device
 
 @dataclass
 class Outputs:
-    """Per-image results of one pass; rows of unreadable images are NaN and `valid` False."""
+    """Per-image results of one pass; rows of unreadable images are NaN and `valid` False.
+
+    `features` (L2-normalised image features) is kept only when `infer` is asked for it.
+    """
 
     cos: np.ndarray
     valid: np.ndarray
+    features: np.ndarray | None = None
 
     @property
     def pred(self) -> np.ndarray:
@@ -48,6 +52,7 @@ def infer(
     bad: BadImages | None = None,
     desc: str = "infer",
     cache: ImageCache | None = None,
+    features: bool = False,
 ) -> Outputs:
     """Cosine similarities of every image to every known class, with the test transform;
     both towers under `precision`'s autocast, the cosines in fp32 (`UeoModel.cosines`).
@@ -57,6 +62,7 @@ def infer(
     (ueo.cache). Batches cross to the device as uint8 and are finished there. In a world of
     several processes (ueo.distributed), each passes over one contiguous part of the images
     and every process gets the whole set's outputs, no image counted twice.
+    `features` also keeps the image features of the same pass (`ueo discover` clusters them).
     """
     runtime = runtime or Runtime()
     device = resolve_device(runtime.device)
@@ -82,6 +88,9 @@ def infer(
     ):
         with autocast(device, precision):
             text = model.text_features()
+        feats = (
+            np.full((len(images), text.shape[1]), np.nan, dtype=np.float32) if features else None
+        )
         for x, idx, errors in loader:
             bar.update()
             for i, msg in errors:
@@ -89,14 +98,18 @@ def infer(
             if x is None:
                 continue
             x = loader.dataset.finish(x.to(device, non_blocking=True))
-            out, _, _ = model.cosines(x, precision, text)
+            out, f, _ = model.cosines(x, precision, text)
             cos[idx.numpy()] = out.cpu().numpy()
             valid[idx.numpy()] = True
+            if features:
+                feats[idx.numpy()] = f.cpu().numpy()
     if world.size > 1:
         part = loader.sampler  # this process's contiguous range of the images
         cos = world.gather_rows(cos[part.start : part.stop])
         valid = world.gather_rows(valid[part.start : part.stop])
-    return Outputs(cos, valid)
+        if features:
+            feats = world.gather_rows(feats[part.start : part.stop])
+    return Outputs(cos, valid, feats)
 
 
 def metrics_of(outputs: Outputs, images: ImageSet) -> dict | None:

@@ -15,16 +15,20 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 from ueo import __version__
-from ueo.api import adapt, evaluate, load_adapted, load_model, predict, save_run
+from ueo.api import adapt, discover, evaluate, load_adapted, load_model, predict, save_run
 from ueo.checkpoint import CHECKPOINT_FILE
 from ueo.checks import check_threshold
 from ueo.clip import check_model
 from ueo.data import ImageSet, load_image_set, parse_classes
+from ueo.discovery import DiscoverSettings, Discovery
+from ueo.discovery_files import JSON_FILE, write_discovery
 from ueo.distributed import on_main, start_world
 from ueo.errors import UeoError
+from ueo.fingerprint import images_digest, weights_identity
 from ueo.io import (
     ADAPTER_FILE,
     check_output_dir,
@@ -45,6 +49,7 @@ from ueo.runs import (
     staging_dir,
 )
 from ueo.runtime import captured_log, checked_runtime
+from ueo.vocabulary import load_vocabulary, without_known
 
 log = logging.getLogger("ueo")
 
@@ -286,3 +291,78 @@ def adapter_metadata(adapter: str | os.PathLike, runtime: Runtime, pretrained: s
     checked_runtime(runtime, meta["recipe"]["precision"])
     check_model(meta["model"], pretrained or meta["pretrained"])
     return meta
+
+
+def discover_job(
+    adapter: str | os.PathLike,
+    data: str,
+    out: str | os.PathLike,
+    *,
+    vocabulary: str | os.PathLike | None = None,
+    pretrained: str | None = None,
+    threshold: float | None = None,
+    settings: DiscoverSettings | None = None,
+    runtime: Runtime | None = None,
+    data_root: str | None = None,
+) -> tuple[Discovery, dict]:
+    """`ueo discover`: group and name the images of `data` that the adapter rejects.
+
+    Writes clusters.csv, clusters.md, sheets/ and discover.json into `out` (a new or empty
+    folder, or one holding an earlier discovery, which is replaced whole once the new one is
+    complete). `vocabulary` is a file of names; None is WordNet's nouns. Returns the discovery
+    and the record discover.json holds besides it.
+    """
+    runtime = checked_runtime(runtime)
+    settings = (settings or DiscoverSettings()).validate()
+    check_threshold(threshold)
+    out = _discovery_dir(out)
+    meta = adapter_metadata(adapter, runtime, pretrained)
+    vocab = load_vocabulary(vocabulary)
+    candidates = without_known(vocab, meta["class_names"])
+    images = load_image_set(data, meta["class_names"], data_root)
+    net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    used = meta["threshold"] if threshold is None else threshold
+    found = discover(
+        net, images, used, candidates, runtime, settings, precision=meta["recipe"]["precision"]
+    )
+    record = {
+        "ueo_version": __version__,
+        "adapter": str(adapter),
+        "adapter_tensors_sha256": meta["tensors_sha256"],
+        "model": meta["model"],
+        "pretrained": net.clip.pretrained,
+        "weights": weights_identity(net.clip.model_name, net.clip.pretrained),
+        "data": str(data),
+        "data_root": data_root and str(data_root),
+        "images_sha256": images_digest(images),
+        "threshold": used,
+        "threshold_source": "adapter" if threshold is None else "--threshold",
+        "vocabulary": {
+            "source": vocab.source,
+            "names": len(vocab),
+            "known_left_out": len(vocab) - len(candidates),
+            "size": len(found.vocabulary),
+            "sha256": candidates.digest,
+        },
+        "settings": asdict(settings),
+        "precision": meta["recipe"]["precision"],
+    }
+    staging = staging_dir(out)
+    if staging.exists():
+        shutil.rmtree(staging)
+    write_discovery(staging, found, record)
+    publish(staging, out)
+    return found, record
+
+
+def _discovery_dir(out: str | os.PathLike) -> Path:
+    """`out` checked: writable, and new, empty or holding an earlier discovery."""
+    out = check_output_dir(out)
+    if out.is_dir() and any(out.iterdir()):
+        if _holds_training_run(out):
+            raise UeoError(f"--out {out} holds a training run; write the discovery elsewhere.")
+        if not (out / JSON_FILE).is_file():
+            raise UeoError(
+                f"--out {out} holds other files and no ueo discovery; give a new or empty folder."
+            )
+    return out

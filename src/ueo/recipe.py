@@ -26,6 +26,8 @@ NORM_LAYERS = ("reference", "all")
 BAD_IMAGE_POLICIES = ("skip", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 LOG_TARGETS = ("files", "tensorboard")
+K_SELECTIONS = ("silhouette", "gcd")  # how `ueo discover` chooses its number of groups
+DEFAULT_MAX_CLUSTERS = 15
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_SEED = 2023
 MAX_SEED = 2**63 - 1  # torch and numpy generators take any seed up to this
@@ -166,3 +168,22 @@ def _check_float(name: str, value, high: float | None = None) -> None:
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UeoError(f"--{name} must be one of {', '.join(choices)}, not {value!r}.")
+
+
+@dataclass(frozen=True)
+class DiscoverSettings:
+    """How `ueo discover` forms its groups (ueo.discovery); `clusters` None chooses their
+    number with `k_select`. Plain data, so that the command line checks it before torch."""
+
+    clusters: int | None = None
+    k_select: str = "silhouette"
+    max_clusters: int = DEFAULT_MAX_CLUSTERS
+    seed: int = 0
+
+    def validate(self) -> DiscoverSettings:
+        if self.clusters is not None:
+            _check_int("clusters", self.clusters, 1)
+        _check_int("max-clusters", self.max_clusters, 2)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_choice("k-select", self.k_select, K_SELECTIONS)
+        return self

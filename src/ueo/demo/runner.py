@@ -31,6 +31,7 @@ from ueo.bench.sweep import Domain, Suite, Sweep, default_methods, load_scores, 
 from ueo.cpus import available_cpus
 from ueo.data import load_image_set
 from ueo.demo import BUNDLED_MODELS
+from ueo.demo.discovery import discovery_table, run_discovery
 from ueo.demo.processes import part_context
 from ueo.demo.testbed import build_testbed
 from ueo.errors import UeoError
@@ -81,7 +82,9 @@ def run_demo(
     seeds: list[int] | None = None,
     processes: int | None = None,
 ) -> dict:
-    """Run the demo grid and write results.{json,md,csv} and plots; returns results.json.
+    """Run the demo grid and write results.{json,md,csv} and plots, then `ueo discover` in
+    the open-set UEO cells (ueo.demo.discovery); returns results.json with the discovery
+    summary under "discover".
 
     `quick`: one domain and fewer epochs. `recipe` replaces the demo recipe. `processes`: how
     many processes share the cells on the CPU (default one per available CPU, see `parts`).
@@ -106,7 +109,9 @@ def run_demo(
         run_parts(suite, sweeps, out, sweep.runtime.progress)
     report = bench(suite, sweep, out, title=f"ueo demo: {model} on the offline testbed")
     figures(report["results"], out)
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    results["discover"] = run_discovery(suite, sweep, out)
+    return results
 
 
 def parts(suite: Suite, sweep: Sweep, n: int) -> list[Sweep]:
@@ -205,7 +210,8 @@ def figures(results: list, out: Path) -> dict[str, Path]:
 
 
 def table(results_json: dict) -> str:
-    """The compact terminal table: per scenario, each method's ACC / AUROC / H (test, mean)."""
+    """The compact terminal table: per scenario, each method's ACC / AUROC / H (test, mean);
+    then the discovery's table, if any."""
     lines = [f"{'scenario':<9}{'method':<10}{'ACC':>7}{'AUROC':>8}{'H':>7}{'FPR95':>8}"]
     for scenario, methods in results_json["mean"].items():
         for method, m in methods.items():
@@ -213,4 +219,6 @@ def table(results_json: dict) -> str:
                 f"{scenario:<9}{method:<10}{fmt(m['acc']):>7}{fmt(m['auroc']):>8}"
                 f"{fmt(m['h']):>7}{fmt(m['fpr95']):>8}"
             )
+    if results_json.get("discover"):
+        lines.append(discovery_table(results_json["discover"]))
     return "\n".join(lines)
