@@ -7,6 +7,11 @@ or options of two data sources at once are answered at once; `Sweep.validate` an
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from ueo.bench.protocol import SCENARIOS, dataset_info
 from ueo.errors import UeoError
 from ueo.methods import get_method
@@ -15,7 +20,8 @@ from ueo.recipe import MAX_SEED
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """`K/N` -> (K, N): this process runs every N-th cell from the K-th (one per GPU)."""
+    """`K/N` -> (K, N): this job runs the K-th of N contiguous parts of the grid, of about
+    equal work (ueo.bench.sweep.plan)."""
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:
@@ -115,4 +121,48 @@ def check_known(names: list[str], known: int | None, known_classes: list[str] | 
     elif isinstance(known, bool) or not isinstance(known, int) or not 1 <= known <= len(names):
         raise UeoError(
             f"--known must be between 1 and the number of classes ({len(names)}), not {known!r}."
+        )
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where torchrun (or another launcher setting its variables) put this process: its rank
+    among `size` processes, and its rank among the `local_size` ones on this machine."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+
+def launch_from_env(env: Mapping[str, str] | None = None) -> Launch:
+    """The launch torchrun describes in RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE;
+    a process started without them runs alone."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env and "RANK" not in env:
+        return Launch()
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    given = {name: env.get(name) for name in names}
+    if given["RANK"] is None or given["WORLD_SIZE"] is None:
+        raise UeoError("Set both RANK and WORLD_SIZE (torchrun does), or neither.")
+    given["LOCAL_RANK"] = given["LOCAL_RANK"] or given["RANK"]
+    given["LOCAL_WORLD_SIZE"] = given["LOCAL_WORLD_SIZE"] or given["WORLD_SIZE"]
+    try:
+        rank, size, local_rank, local_size = (int(given[name]) for name in names)
+    except ValueError:
+        shown = ", ".join(f"{k}={v}" for k, v in given.items())
+        raise UeoError(f"The launcher's variables must be integers: {shown}.") from None
+    if not (0 <= rank < size and 0 <= local_rank < local_size <= size):
+        shown = ", ".join(f"{k}={v}" for k, v in given.items())
+        raise UeoError(f"Inconsistent launcher variables: {shown}.")
+    return Launch(rank, size, local_rank, local_size)
+
+
+def check_launch_device(launch: Launch, device: str) -> None:
+    """Under torchrun each process takes the GPU of its local rank: one GPU named for all of
+    a machine's processes would put them all on it."""
+    if launch.local_size > 1 and re.fullmatch(r"\s*cuda:\d+\s*", device):
+        raise UeoError(
+            f"--device {device.strip()} with {launch.local_size} processes on this machine: "
+            "each takes cuda:LOCAL_RANK; give --device cuda or auto."
         )

@@ -89,6 +89,10 @@ class Cell:
     method: str
     seed: int
 
+    @property
+    def name(self) -> str:
+        return f"{self.domain}/{self.scenario}/{self.method}/seed{self.seed}"
+
     def path(self, out: Path) -> Path:
         return out / "runs" / self.domain / self.scenario / self.method / f"seed{self.seed}"
 
@@ -318,7 +322,7 @@ def run_sweep(
         staging.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with logged_to(staging / LOG_FILE):
-            log.info("computed on %s by process %d of %s", device, os.getpid(), gethostname())
+            log.info("computed by process %d on %s, device %s", os.getpid(), gethostname(), device)
             result = adapt(
                 model,
                 unlabeled,
