@@ -1,7 +1,8 @@
 """`ueo` for tests of `ueo bench` over several processes (tests/test_bench_world.py), run as
 a script by torchrun or directly, with what a test must see or provoke in every process:
 
-* UEO_TEST_COUNT_DIR: each cell computed is written to rank<RANK>.txt there;
+* UEO_TEST_COUNT_DIR: each cell computed is written to rank<RANK>.txt there (in a world
+  torchrun restarted, rank<RANK>.attempt<N>.txt);
 * UEO_TEST_FAIL_CELL=D/S/M/seedN and UEO_TEST_FAIL_HOW: that cell fails with a user error
   (`error`), kills its process (`exit`) or hangs (`hang`);
 * UEO_TEST_FINISH_TIMEOUT: the end barrier's timeout, in seconds.
@@ -29,8 +30,10 @@ def cell_of(staging: Path) -> str:
 def adapt(*args, **kwargs):
     cell = cell_of(Path(kwargs["checkpoint_dir"]))
     if os.environ.get("UEO_TEST_COUNT_DIR"):
-        rank = os.environ.get("RANK", "0")
-        with open(Path(os.environ["UEO_TEST_COUNT_DIR"]) / f"rank{rank}.txt", "a") as f:
+        name = f"rank{os.environ.get('RANK', '0')}"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        name += f".attempt{attempt}" if attempt != "0" else ""
+        with open(Path(os.environ["UEO_TEST_COUNT_DIR"]) / f"{name}.txt", "a") as f:
             f.write(cell + "\n")
     if cell == os.environ.get("UEO_TEST_FAIL_CELL"):
         how = os.environ["UEO_TEST_FAIL_HOW"]

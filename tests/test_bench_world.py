@@ -70,13 +70,19 @@ def environment(extra: dict) -> dict:
     }
 
 
-def run(args: list[str], processes: int, env: dict | None = None, torchrun: bool = True):
-    """`ueo` (the driver) in `processes` processes of one torchrun world, or in one process
-    started directly."""
+def run(
+    args: list[str],
+    processes: int,
+    env: dict | None = None,
+    torchrun: bool = True,
+    restarts: int = 0,
+):
+    """`ueo` (the driver) in `processes` processes of one torchrun world (which torchrun
+    starts again up to `restarts` times when it fails), or in one process started directly."""
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-        launcher += [str(processes)]
+        launcher += [str(processes), "--max-restarts", str(restarts)]
     return subprocess.run(
         [*launcher, str(DRIVER), *args],
         capture_output=True,
@@ -152,24 +158,27 @@ def test_two_processes_give_the_table_of_one_each_cell_computed_once(grid):
 
 def test_a_failing_process_ends_the_run_with_one_line(grid, capsys):
     """Rank 1 fails its second cell: both processes stop (rank 0 after its current cell),
-    one line names the rank and the cell, the finished cells stay; the same command would
-    compute only the cells that are missing."""
+    one line names the rank and the cell, the finished cells stay. torchrun then starts the
+    world again (--max-restarts 1): it computes only the missing cells, and fails again."""
     tmp, args = grid["tmp"], grid["args"]
     out = tmp / "failing"
     (out / "count").mkdir(parents=True)
     env = {"UEO_TEST_COUNT_DIR": str(out / "count"), "UEO_TEST_FAIL_HOW": "error"}
-    done = run([*args, "--out", str(out)], 2, {**env, "UEO_TEST_FAIL_CELL": CELLS[7]})
+    env["UEO_TEST_FAIL_CELL"] = CELLS[7]
+    done = run([*args, "--out", str(out)], 2, env, restarts=1)
     assert done.returncode != 0
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("ueo: error:")]
-    assert errors == [f"ueo: error: rank 1, cell {CELLS[7]}: injected failure; {AFTER}"], (
-        done.stderr
-    )
+    line = f"ueo: error: rank 1, cell {CELLS[7]}: injected failure; {AFTER}"
+    assert errors == [line, line], done.stderr  # one line per attempt
     assert f"ERROR rank 1: cell {CELLS[7]} failed: injected failure" in done.stderr
     assert str(SRC) not in done.stderr  # no traceback through ueo (torchrun prints its own)
     computed = counted(out / "count")
     assert computed["rank1"] == CELLS[6:]
+    first = computed.get("rank0", []) + [CELLS[6]]  # what the first attempt finished
+    second = computed.get("rank0.attempt1", []) + computed["rank1.attempt1"]
+    assert computed["rank1.attempt1"][-1] == CELLS[7] and not set(first) & set(second)
     kept = [c for c in CELLS if (out / "runs" / c / "metrics.json").is_file()]
-    assert kept == computed.get("rank0", []) + [CELLS[6]]  # every finished cell, no other
+    assert sorted(kept + [CELLS[7]]) == sorted(first + second)  # each finished cell once
     assert not (out / "results.md").exists()
 
     # What the same command would compute: the missing cells only (resuming is tested above).

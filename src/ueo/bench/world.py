@@ -189,6 +189,10 @@ def joined(launch: Launch | None = None) -> Iterator[World]:
         )
     try:
         store, rank, size = next(dist.rendezvous("env://"))
+        # Each attempt of a world torchrun restarts (--max-restarts) gets its own keys: the
+        # launcher's store keeps those of the attempt before (the old processes' addresses).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"attempt{attempt}/", store)
         dist.init_process_group(
             "gloo", store=store, rank=rank, world_size=size, timeout=START_TIMEOUT
         )
@@ -223,11 +227,10 @@ def run_share(suite: Suite, sweep: Sweep, out: Path, world: World) -> None:
         workers=_workers(sweep.runtime.workers, world.launch),
     )
     log.info(
-        "rank %d of %d: %d of the %d missing cells on %s",
-        world.rank,
-        world.size,
+        "%d of the %d missing cells for this process (%d processes), on %s",
         len(mine),
         len(missing),
+        world.size,
         runtime.device,
     )
     finished: list[Cell] = []
