@@ -7,7 +7,11 @@ from dataclasses import fields, replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import CLASSES, UNKNOWN, draw
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 import ueo.bench.sweep
 from ueo.bench.grid import parse_shard
@@ -19,9 +23,12 @@ from ueo.bench.sweep import (
     Domain,
     Suite,
     Sweep,
+    cell_costs,
     cell_fingerprint,
+    load_scores,
     plan,
     run_sweep,
+    split,
     status,
 )
 from ueo.cli import build_parser, main
@@ -244,6 +251,43 @@ def test_shards_cover_the_grid_exactly_once(n):
         assert shard == [c for c in grid if c in shard]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.5, 1000, allow_nan=False), min_size=0, max_size=40),
+    st.integers(1, 9),
+)
+def test_split_gives_contiguous_parts_of_about_equal_work(costs, n):
+    parts = split(costs, n)
+    assert len(parts) == n
+    assert [i for part in parts for i in part] == list(range(len(costs)))  # in order, once
+    if costs:
+        share, largest = sum(costs) / n, max(costs)
+        for part in parts:
+            assert abs(sum(costs[i] for i in part) - share) <= largest + 1e-9 * sum(costs)
+    sizes = [len(part) for part in split([1.0] * len(costs), n)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_shards_share_out_work_not_cells():
+    """A large domain's cells are worth more than a small one's, a training method's more
+    than zero-shot's: a shard is a contiguous part of the grid with its share of the work."""
+
+    def images(n: int) -> ImageSet:
+        return ImageSet([f"{i}.png" for i in range(n)], [i % 3 for i in range(n)])
+
+    suite = small_suite()
+    suite.domains = [Domain(d, images(n), images(n)) for d, n in [("a", 300), ("b", 30), ("c", 30)]]
+    sweep = Sweep("test-tiny-rn", "none", Recipe(epochs=2), scenarios=["CDA"], seeds=[1])
+    grid = plan(suite, replace(sweep, methods=["zeroshot", "ueo"]))
+    # Evaluation of both sets, and three passes per unlabeled image and epoch of training.
+    assert cell_costs(suite, sweep, grid[:2]) == [600, 600 + 3 * 2 * 300]
+    sweep = replace(sweep, methods=["ueo"])
+    grid = plan(suite, sweep)
+    assert cell_costs(suite, sweep, grid) == [2400, 240, 240]
+    halves = [plan(suite, replace(sweep, shard=(k, 2))) for k in range(2)]
+    assert halves == [grid[:1], grid[1:]]  # 2400 and 480, not two cells and one (2640, 240)
+
+
 def test_shard_values_are_checked():
     assert parse_shard("1/2") == (1, 2)
     for bad in ("2/2", "-1/2", "0/0", "1", "a/b", "1/2/3"):
@@ -401,3 +445,30 @@ def test_every_cell_is_reported_once_computed_or_read_back(image_folder, tmp_pat
         results = run_sweep(suite, sweep, tmp_path / "sweep", on_cell=told.append)
         assert told == [cell for cell, _ in results] == plan(suite, sweep)
         assert len(told) == 4
+
+
+def test_a_cells_numbers_do_not_depend_on_the_cells_run_before_it(image_folder, tmp_path):
+    """What lets any process run any cell: the seed-2 cell computed alone equals the one
+    computed after the seed-1 cell in the same process, even with a random prompt context
+    (drawn from the random state, which the earlier cell's training moved on). The bundled
+    model: random weights (`--pretrained none`) would be drawn anew at each load."""
+    suite = folder_suite(image_folder, CLASSES + UNKNOWN, known=3)
+    quiet = Runtime(device="cpu", workers=0, progress=False)
+    recipe = Recipe(epochs=1, batch_size=8, lr_prompt=1e-2, ctx_init="", n_ctx=2)
+    sweep = Sweep("ueo-tiny-rn", "bundled", recipe, quiet, scenarios=["ODA"], seeds=[1, 2])
+    sweep = replace(sweep, methods=["ueo"])
+    second = Cell("images", "ODA", "ueo", 2)
+    run_sweep(suite, sweep, tmp_path / "both")
+    run_sweep(suite, sweep, tmp_path / "alone", cells=[second])
+    after, alone = (
+        load_file(second.path(tmp_path / o) / "adapter.safetensors") for o in ("both", "alone")
+    )
+    assert after.keys() == alone.keys() and "prompt.ctx" in after
+    assert all(torch.equal(after[k], alone[k]) for k in after)
+    first = load_file(
+        Cell("images", "ODA", "ueo", 1).path(tmp_path / "both") / "adapter.safetensors"
+    )
+    assert not torch.equal(first["prompt.ctx"], after["prompt.ctx"])  # the seeds differ
+    scores = [load_scores(second.path(tmp_path / o)) for o in ("both", "alone")]
+    for key in scores[0]:
+        np.testing.assert_array_equal(scores[0][key], scores[1][key], err_msg=key)

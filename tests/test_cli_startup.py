@@ -97,6 +97,7 @@ def mistakes(t: Path) -> dict[str, list[str]]:
         "bench --dataset with --known": ["bench", "--dataset", "office31", "--root", str(t)]
         + ["--known", "3", "--out", str(t / "sweep")],
         "bench --batch-size 0": bench + ["--batch-size", "0"],
+        "bench --dry-run --report-only": bench + ["--dry-run", "--report-only"],
         "prepare unknown dataset": ["prepare", "nope", "--root", str(t), "--out", str(t / "l")],
         "protocol --dataset nope": ["protocol", "--dataset", "nope", "--scenario", "ODA"],
         "demo --device ''": ["demo", "--device", "", "--out", str(t / "demo")],
@@ -151,6 +152,45 @@ def test_simple_mistakes_are_answered_before_torch_is_imported(place):
         assert code == 2, (name, lines)
         assert len(lines) == 1 and lines[0].startswith("ueo: error: "), (name, lines)
         assert not torch_imported, f"{name}: torch was imported before the answer {lines}"
+
+
+def test_a_launchers_mistakes_are_answered_before_torch_is_imported(place):
+    """Under torchrun (its variables set by hand here): one GPU named for every process of a
+    machine, and variables that contradict each other."""
+    bench = ["bench", "--data", str(place / "images"), "--all-classes", "a,b,c", "--known", "1"]
+    bench += ["--out", str(place / "sweep")]
+    cases = {
+        "--device cuda:0, 2 processes here": (
+            {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+            [*bench, "--device", "cuda:0"],
+        ),
+        "RANK 2 of 2": ({"RANK": "2", "WORLD_SIZE": "2"}, bench),
+    }
+    result = _probe(
+        f"""
+        import contextlib, io, json, os, sys
+        from ueo.cli import main
+        seen = {{}}
+        for name, (env, argv) in {cases!r}.items():
+            os.environ.update(env)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(argv)
+            for key in env:
+                del os.environ[key]
+            seen[name] = [code, err.getvalue().splitlines(), "torch" in sys.modules]
+        print("RESULT " + json.dumps(seen))
+        """
+    )
+    assert result["--device cuda:0, 2 processes here"][1] == [
+        "ueo: error: --device cuda:0 with 2 processes on this machine: each takes "
+        "cuda:LOCAL_RANK; give --device cuda or auto."
+    ]
+    assert result["RANK 2 of 2"][1] == [
+        "ueo: error: Inconsistent launcher variables: RANK=2, WORLD_SIZE=2, LOCAL_RANK=2, "
+        "LOCAL_WORLD_SIZE=2."
+    ]
+    assert all(code == 2 and not imported for code, _, imported in result.values())
 
 
 def test_a_valid_command_does_import_torch(place):

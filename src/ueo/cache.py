@@ -39,6 +39,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ueo import images
+from ueo.launch import share
 
 MAX_BUDGET = 16 << 30  # bytes: the shared store's default cap
 PRIVATE_BUDGET = 2 << 30  # bytes: the cap of a spawned worker's private store
@@ -60,9 +61,10 @@ USED, DECODES, STORED = 0, 1, 2  # the shared counters
 
 
 def default_budget() -> int:
-    """A quarter of the memory this process may use (cgroup limit included), at most 16 GiB."""
+    """A quarter of the memory this process may use (cgroup limit included), at most 16 GiB;
+    under torchrun, of this process's share of the machine (each process keeps its own)."""
     memory = available_memory()
-    return MAX_BUDGET if memory is None else min(MAX_BUDGET, memory // 4)
+    return share(MAX_BUDGET if memory is None else min(MAX_BUDGET, memory // 4))
 
 
 def available_memory() -> int | None:

@@ -24,6 +24,7 @@ from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, SCENARIOS, dataset_inf
 from ueo.checks import check_input_path, check_output_dir, check_output_file, check_threshold
 from ueo.demo import BUNDLED_MODELS
 from ueo.errors import UeoError
+from ueo.launch import check_launch_device, launch_from_env
 from ueo.methods import get_method, method_names
 from ueo.names import parse_classes
 from ueo.recipe import (
@@ -299,8 +300,18 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--model", default="RN50", help="default RN50")
     p.add_argument("--pretrained", default="openai", help="default openai")
     p.add_argument("--out", required=True, help="sweep directory")
-    p.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from K (one per GPU)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="K/N: run the K-th of N parts of the grid (N jobs of a scheduler); under torchrun "
+        "the processes share the grid without it",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the cells and what exists")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing: write the report from the cells that exist, naming those missing",
+    )
     _add_recipe_args(p, skip=BENCH_GRID_FIELDS, helps={"epochs": _bench_epochs_help()})
     _add_runtime_args(p, training=True)
 
@@ -377,6 +388,8 @@ def recipe_settings(args: argparse.Namespace) -> dict:
 
 
 def runtime_of(args: argparse.Namespace) -> Runtime:
+    """The runtime options, checked; under torchrun, a device every process can take."""
+    check_launch_device(launch_from_env(), args.device)
     return Runtime(
         device=args.device,
         workers=args.workers,
@@ -390,32 +403,29 @@ def runtime_of(args: argparse.Namespace) -> Runtime:
 
 
 def _setup_logging(quiet: bool, epochs: bool = True) -> None:
-    """Log to stderr; `epochs=False` keeps per-epoch lines of sweeps off the terminal."""
+    """Log to stderr; `epochs=False` keeps per-epoch lines of sweeps off the terminal. Under
+    torchrun each process says its rank, and only rank 0 says more than warnings."""
     from ueo.runtime import LOG_FORMAT
 
+    launch = launch_from_env()
     log.setLevel(logging.INFO)
     log.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LOG_FORMAT)
-    if quiet or not _main_process():  # under torchrun the others say only what goes wrong
-        handler.setLevel(logging.WARNING)
-    if not _main_process():
-        marked = f"[process {_process()[0]}] {LOG_FORMAT._fmt}"
+    if launch.size > 1:
+        marked = f"%(asctime)s %(levelname)s rank {launch.rank}: %(message)s"
         handler.setFormatter(logging.Formatter(marked, LOG_FORMAT.datefmt))
+    if quiet or launch.rank > 0:
+        handler.setLevel(logging.WARNING)
     if not epochs:
         handler.addFilter(lambda record: record.name != "ueo.epochs")
     log.addHandler(handler)
     log.propagate = False
 
 
-def _process() -> tuple[int, int]:
-    """This process's rank and the number of processes, as torchrun's variables say."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _main_process() -> bool:
-    """Under torchrun, only process 0 prints results (every process computes them)."""
-    return _process()[0] == 0
+    """Under torchrun, only rank 0 prints results (every process computes them)."""
+    return launch_from_env().rank == 0
 
 
 def _use_available_cpus() -> None:
@@ -545,6 +555,8 @@ def check_bench(args) -> None:
     epochs = dataset_info(args.dataset).epochs if args.dataset else Recipe().epochs
     Recipe(epochs=epochs).replace(**recipe_settings(args)).validate()
     runtime_of(args)
+    if args.dry_run and args.report_only:
+        raise UeoError("Give --dry-run or --report-only, not both.")
     check_output_dir(args.out)
     if args.data:
         check_input_path(args.data)
@@ -682,8 +694,10 @@ def _ranges(values: list[int]) -> str:
 def cmd_bench(args) -> int:
     _use_available_cpus()
     from ueo.bench.jobs import bench, bench_recipe, bench_suite, canonical_domains
-    from ueo.bench.sweep import Sweep, status
+    from ueo.bench.sweep import Sweep
+    from ueo.bench.world import OtherRankFailed, joined
 
+    launch = launch_from_env()
     recipe = bench_recipe(args.dataset, **recipe_settings(args))
     sweep = Sweep(
         model=args.model,
@@ -709,17 +723,43 @@ def cmd_bench(args) -> int:
         domains=_split(args.domains),
     )
     sweep.domains = canonical_domains(suite, sweep.domains)
+    if (args.dry_run or args.report_only) and launch.rank > 0:
+        return 0  # rank 0 says it for every process
     if args.dry_run:
-        cells = status(suite, sweep, args.out)
-        for cell, done in cells:
-            print(f"{'done' if done else 'todo'}  {cell.path(Path(args.out))}")
-        print(f"{sum(d for _, d in cells)}/{len(cells)} cells complete")
+        _print_plan(suite, sweep, Path(args.out), launch.size)
         return 0
-    report = bench(suite, sweep, args.out)
+    if args.report_only:
+        report = bench(suite, sweep, args.out, report_only=True)
+    else:
+        with joined(launch) as world:
+            try:
+                report = bench(suite, sweep, args.out, world=world)
+            except OtherRankFailed as exc:
+                if exc.echo:
+                    raise
+                return 2  # rank 0 says what failed
+    if not report["files"]:
+        return 0  # another process (rank 0) writes the report
     print(report["files"]["md"].read_text())
     for name, path in report["files"].items():
         log.info("wrote %s: %s", name, path)
     return 0
+
+
+def _print_plan(suite, sweep, out: Path, processes: int) -> None:
+    """The cells and which exist; under torchrun, also which process will compute each."""
+    from ueo.bench.sweep import status
+    from ueo.bench.world import shares
+
+    cells = status(suite, sweep, out)
+    owner = {}
+    if processes > 1:
+        todo = [c for c, done in cells if not done]
+        parts = shares(suite, sweep, todo, processes)
+        owner = {c: f"rank {r}  " for r, part in enumerate(parts) for c in part}
+    for cell, done in cells:
+        print(f"{'done' if done else 'todo'}  {owner.get(cell, '')}{cell.path(out)}")
+    print(f"{sum(d for _, d in cells)}/{len(cells)} cells complete")
 
 
 def cmd_demo(args) -> int:
@@ -826,22 +866,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed output is found here, not at the interpreter's exit
         return code
     except UeoError as exc:
-        print(f"ueo: error{_which()}: {exc}", file=sys.stderr)
+        print(f"ueo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"ueo{_which()}: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"ueo: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return _output_closed()
     finally:
         if "ueo.distributed" in sys.modules:  # leave torchrun's process group cleanly
             sys.modules["ueo.distributed"].end_world()
-
-
-def _which() -> str:
-    """' (process R of N)' under torchrun, where every process reports its own errors."""
-    rank, size = _process()
-    return f" (process {rank} of {size})" if size > 1 else ""
 
 
 def _output_closed() -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ueo.errors import UeoError
+from ueo.launch import check_launch_device, launch_from_env
 
 log = logging.getLogger("ueo")
 
@@ -142,46 +142,38 @@ def current_world() -> World:
 _WORLD = SINGLE
 
 
-def launched() -> bool:
-    """Whether torchrun (or another launcher setting its variables) started this process as
-    one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def start_world(device: str) -> tuple[World, str]:
-    """Join the run's processes (torchrun's environment variables), once; returns the world
-    and this process's device (`cuda:LOCAL_RANK` for `cuda` or `auto` with GPUs).
+    """Join the run's processes (torchrun's environment variables, `ueo.launch`), once;
+    returns the world and this process's device (`cuda:LOCAL_RANK` for `cuda` or `auto` with
+    GPUs). A process launched alone runs alone, without a process group.
 
     NCCL carries the GPU's collectives, gloo the CPU's and every host-side agreement.
     """
     global _WORLD
-    if not launched():
+    launch = launch_from_env()
+    if launch.size == 1:
         return SINGLE, device
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_launch_device(launch, device)
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         if not torch.cuda.is_available():
             raise UeoError(f"--device {device} was asked for but no CUDA GPU is available.")
-        if ":" in device:
-            raise UeoError(
-                "Under torchrun each process takes the GPU of its LOCAL_RANK: give --device "
-                "cuda (or auto), not a numbered device."
-            )
-        if local_rank >= torch.cuda.device_count():
-            raise UeoError(
-                f"Process {rank} has LOCAL_RANK {local_rank}, but this machine has "
-                f"{torch.cuda.device_count()} GPU(s): start at most that many per machine."
-            )
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
+        if ":" not in device:
+            if launch.local_rank >= torch.cuda.device_count():
+                raise UeoError(
+                    f"Process {launch.rank} has LOCAL_RANK {launch.local_rank}, but this "
+                    f"machine has {torch.cuda.device_count()} GPU(s): start at most that many "
+                    "processes per machine."
+                )
+            device = f"cuda:{launch.local_rank}"
+        torch.cuda.set_device(torch.device(device))
     if _WORLD.size == 1:
         if not dist.is_initialized():
             backend = "nccl" if cuda else "gloo"
             kwargs = {"device_id": torch.device(device)} if cuda else {}
             dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
         cpu_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else dist.group.WORLD
-        _WORLD = World(rank, size, local_rank, cpu_group)
+        _WORLD = World(launch.rank, launch.size, launch.local_rank, cpu_group)
     return _WORLD, device
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import random
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ import torch
 
 from ueo.cpus import available_cpus
 from ueo.errors import UeoError
+from ueo.launch import share
 from ueo.recipe import Runtime
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,9 +77,8 @@ def use_available_cpus() -> int:
 
 def default_workers() -> int:
     """Data-loading processes when none are asked for: one per spare CPU, at most 4; under
-    torchrun, the CPUs are shared by the processes it started on this machine."""
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(4, available_cpus() // local - 1))
+    torchrun, of this process's share of the machine's CPUs."""
+    return max(0, min(4, share(available_cpus()) - 1))
 
 
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")

@@ -15,7 +15,8 @@ from ueo.recipe import MAX_SEED
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """`K/N` -> (K, N): this process runs every N-th cell from the K-th (one per GPU)."""
+    """`K/N` -> (K, N): this job runs the K-th of N contiguous parts of the grid, of about
+    equal work (ueo.bench.sweep.plan)."""
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:

@@ -8,6 +8,7 @@ given. The checks of the options (ueo.bench.grid) need no torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,10 +19,14 @@ from ueo.bench.protocol import DATASETS, dataset_info, domain_name
 from ueo.bench.results import write_report
 from ueo.bench.suites import benchmark_suite, folder_suite
 from ueo.bench.sweep import Cell, Suite, Sweep, run_sweep, status
+from ueo.bench.world import World, run_share
 from ueo.data import parse_classes
+from ueo.errors import UeoError
 from ueo.io import check_output_dir
 from ueo.recipe import Recipe
 from ueo.runs import METRICS_FILE
+
+log = logging.getLogger("ueo")
 
 
 def bench_recipe(dataset: str | None, **settings) -> Recipe:
@@ -76,14 +81,49 @@ def canonical_domains(suite: Suite, domains: list[str] | None) -> list[str] | No
     return [domain_name(suite.name, d) for d in domains]
 
 
-def bench(suite: Suite, sweep: Sweep, out: str | os.PathLike, title: str | None = None) -> dict:
-    """Run the grid and write the report; returns {"results": [...], "files": {...}}."""
+def bench(
+    suite: Suite,
+    sweep: Sweep,
+    out: str | os.PathLike,
+    title: str | None = None,
+    *,
+    world: World | None = None,
+    report_only: bool = False,
+) -> dict:
+    """Run the grid and write the report; returns {"results": [...], "missing": [...],
+    "files": {...}}.
+
+    In a torchrun `world` (ueo.bench.world) this process computes its share of the missing
+    cells, and rank 0 alone writes the report once every process is done (the others return
+    no results and no files). `report_only`: compute nothing, report on the cells that exist.
+    The report of a shard, or of a grid not yet complete, names the cells still missing.
+    """
     out = check_output_dir(out)
     sweep.validate()
-    results = run_sweep(suite, sweep, out)
-    if sweep.shard[1] > 1:
-        # A shard reports on every finished cell of the whole grid, not just its own.
-        results = finished(suite, replace(sweep, shard=(0, 1)), out)
+    world = world or World()
+    results = None
+    if not report_only:
+        if world.size > 1:
+            run_share(suite, sweep, out, world)
+        else:
+            results = run_sweep(suite, sweep, out)
+    if world.rank != 0:
+        return {"results": [], "missing": [], "files": {}}
+    missing: list[Cell] = []
+    if results is None or sweep.shard[1] > 1:
+        # Every finished cell of the whole grid, whichever process or job computed it.
+        grid = status(suite, replace(sweep, shard=(0, 1)), out)
+        results = [(c, json.loads((c.path(out) / METRICS_FILE).read_text())) for c, d in grid if d]
+        missing = [c for c, done in grid if not done]
+    if not results:
+        raise UeoError(f"No cell of this grid is finished in {out}: nothing to report.")
+    if missing:
+        log.warning(
+            "The report covers %d of the grid's %d cells; missing: %s",
+            len(results),
+            len(results) + len(missing),
+            ", ".join(c.name for c in missing),
+        )
     settings = {
         "suite": suite.name,
         "model": sweep.model,
@@ -91,13 +131,6 @@ def bench(suite: Suite, sweep: Sweep, out: str | os.PathLike, title: str | None 
         "seeds": sweep.seeds,
         "recipe": {k: v for k, v in asdict(sweep.recipe).items() if k not in ("method", "seed")},
     }
-    files = write_report(results, out, title or f"{suite.name}: {sweep.model}", settings)
-    return {"results": results, "files": files}
-
-
-def finished(suite: Suite, sweep: Sweep, out: Path) -> list[tuple[Cell, dict]]:
-    return [
-        (c, json.loads((c.path(out) / METRICS_FILE).read_text()))
-        for c, done in status(suite, sweep, out)
-        if done
-    ]
+    title = title or f"{suite.name}: {sweep.model}"
+    files = write_report(results, out, title, settings, [c.name for c in missing])
+    return {"results": results, "missing": missing, "files": files}

@@ -27,6 +27,7 @@ from ueo.metrics import METRIC_NAMES
 from ueo.reports import fmt
 
 SETS = ("test", "unlabeled")
+MISSING_SHOWN = 10  # missing cells named in results.md
 
 
 def _mean(values: list) -> float | None:
@@ -118,8 +119,10 @@ def learning_curves(
     return out
 
 
-def markdown(results: list, title: str, metric_set: str = "test") -> str:
-    """The paper's layout: per scenario and metric, rows = methods, columns = domains + Avg."""
+def markdown(results: list, title: str, metric_set: str = "test", missing: list[str] = ()) -> str:
+    """The paper's layout: per scenario and metric, rows = methods, columns = domains + Avg.
+
+    `missing`: the grid's cells without a result (named under the title)."""
     table: dict = defaultdict(list)
     for cell, record in results:
         table[(cell.scenario, cell.method, cell.domain)].append(record["adapted"][metric_set])
@@ -135,6 +138,14 @@ def markdown(results: list, title: str, metric_set: str = "test") -> str:
         " '-' = undefined (no OOD sample for AUROC).",
         "",
     ]
+    if missing:
+        shown = ", ".join(missing[:MISSING_SHOWN])
+        more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+        lines += [
+            f"**Incomplete**: {len(missing)} of the grid's {len(missing) + len(results)} cells "
+            f"have no result yet ({shown}{more}; results.json lists them all).",
+            "",
+        ]
     for s in scenarios:
         for metric in TABLE_METRICS:
             lines += [
@@ -178,17 +189,22 @@ def write_csv(path: Path, table: list[dict]) -> Path:
     return write_text(path, buf.getvalue())
 
 
-def write_report(results: list, out: Path, title: str, settings: dict) -> dict[str, Path]:
+def write_report(
+    results: list, out: Path, title: str, settings: dict, missing: list[str] = ()
+) -> dict[str, Path]:
     """results.csv, results.json, results.md and one plot per scenario, all from the cells;
     with learning curves (--eval-every), also ACC and AUROC against epochs per scenario, and
-    the label-free scores of the unlabeled set against epochs."""
+    the label-free scores of the unlabeled set against epochs. `missing` names the grid's
+    cells without a result (results.json "missing", results.md)."""
     out.mkdir(parents=True, exist_ok=True)
+    missing = list(missing)
     written = {"csv": write_csv(out / "results.csv", rows(results))}
     data = summary(results, settings)
     data["curves"] = learning_curves(results)
     data["label_free_curves"] = learning_curves(results, "label_free", SCORE_KEYS)
+    data["missing"] = missing
     written["json"] = write_json(out / "results.json", data)
-    written["md"] = write_text(out / "results.md", markdown(results, title) + "\n")
+    written["md"] = write_text(out / "results.md", markdown(results, title, missing=missing) + "\n")
     (out / "plots").mkdir(exist_ok=True)
     for s in data["mean"]:
         written[f"plot_{s}"] = method_plot(data["mean"], s, out / "plots" / f"{s}.png")

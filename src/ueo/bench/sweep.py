@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from socket import gethostname
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ from ueo.methods import get_method, method_names
 from ueo.model import UeoModel, norm_parameters
 from ueo.recipe import Recipe, Runtime
 from ueo.runs import LOG_FILE, METRICS_FILE, logged_to, publish, save_run, staging_dir
-from ueo.runtime import checked_runtime, resolve_device
+from ueo.runtime import checked_runtime, resolve_device, seed_everything
 
 log = logging.getLogger("ueo")
 
@@ -87,6 +89,10 @@ class Cell:
     method: str
     seed: int
 
+    @property
+    def name(self) -> str:
+        return f"{self.domain}/{self.scenario}/{self.method}/seed{self.seed}"
+
     def path(self, out: Path) -> Path:
         return out / "runs" / self.domain / self.scenario / self.method / f"seed{self.seed}"
 
@@ -124,7 +130,8 @@ class Sweep:
 
 
 def plan(suite: Suite, sweep: Sweep) -> list[Cell]:
-    """Every cell of the grid, in run order (domain-major so zero-shot passes are reused)."""
+    """Every cell of the grid, in run order (domain-major so zero-shot passes are reused);
+    with a shard K/N, the K-th of N contiguous parts of about equal work (`split`)."""
     sweep.validate()
     missing = [s for s in sweep.scenarios if s not in suite.splits]
     if missing:
@@ -148,7 +155,46 @@ def plan(suite: Suite, sweep: Sweep) -> list[Cell]:
         for seed in sweep.seeds
     ]
     k, n = sweep.shard
-    return [c for i, c in enumerate(cells) if i % n == k]
+    if n == 1:
+        return cells
+    return [cells[i] for i in split(cell_costs(suite, sweep, cells), n)[k]]
+
+
+def cell_costs(suite: Suite, sweep: Sweep, cells: list[Cell]) -> list[float]:
+    """Each cell's work, in images through the network: its evaluation passes over the
+    unlabeled and test sets, plus, for a method that trains, a forward and a backward pass
+    (about three forwards) per unlabeled image and epoch. Enough to share work out evenly."""
+    sizes: dict[tuple[str, str], tuple[int, int]] = {}
+    costs = []
+    for cell in cells:
+        key = (cell.domain, cell.scenario)
+        if key not in sizes:
+            _, unlabeled, test = suite.scenario_sets(suite.domain(cell.domain), cell.scenario)
+            sizes[key] = (len(unlabeled), len(test))
+        n_unlabeled, n_test = sizes[key]
+        epochs = sweep.recipe.epochs if get_method(cell.method).trains else 0
+        every = sweep.runtime.eval_every
+        evaluations = 1 + (epochs // every if every else 0)
+        costs.append(float(max(1, evaluations * (n_unlabeled + n_test) + 3 * epochs * n_unlabeled)))
+    return costs
+
+
+def split(costs: list[float], n: int) -> list[list[int]]:
+    """Indices 0..len(costs)-1 cut into `n` contiguous parts of about equal total cost.
+
+    Item i goes to part floor(n * (cost of the items before it + half its own) / total): the
+    parts keep the order, their totals differ by at most about the largest item, and with
+    equal costs their sizes differ by at most one. Contiguous parts of a domain-major plan
+    keep a domain's cells together, so most domains' zero-shot pass and decoded images serve
+    all their cells in one process."""
+    total = float(sum(costs))
+    parts: list[list[int]] = [[] for _ in range(n)]
+    before = 0.0
+    for i, cost in enumerate(costs):
+        middle = before + cost / 2
+        parts[min(n - 1, int(n * middle / total))].append(i)
+        before += cost
+    return parts
 
 
 def cell_components(suite: Suite, sweep: Sweep, cell: Cell) -> dict:
@@ -207,20 +253,33 @@ def _restore(net: torch.nn.Module, pristine: dict[str, torch.Tensor]) -> None:
 
 
 def run_sweep(
-    suite: Suite, sweep: Sweep, out: str | Path, on_cell: Callable[[Cell], None] | None = None
+    suite: Suite,
+    sweep: Sweep,
+    out: str | Path,
+    on_cell: Callable[[Cell], None] | None = None,
+    *,
+    cells: list[Cell] | None = None,
+    before: Callable[[Cell], bool] | None = None,
+    images: ImageCache | None = None,
 ) -> list[tuple[Cell, dict]]:
     """Run every missing cell; complete cells are read back, so a sweep resumes where it stopped.
 
-    Returns (cell, metrics record) for every cell of the plan; `on_cell` is told of each cell
-    as it is done or read back (progress of a sweep run in another process).
+    Returns (cell, metrics record) for every cell of the plan (or of `cells`, a part of it);
+    `on_cell` is told of each cell as it is done or read back (progress of a sweep run in
+    another process); `before` is asked before a cell is computed, and False stops the sweep
+    there. `images` holds the decoded images (default: a store of the default size).
+
+    A cell's numbers do not depend on the cells run before it in the process: each starts
+    from the pristine model, its prompt is built after seeding with its seed, and its
+    zero-shot outputs are those of its own prompt.
     """
     out = Path(out)
-    cells = plan(suite, sweep)
+    cells = plan(suite, sweep) if cells is None else cells
     device = resolve_device(sweep.runtime.device)
     clip: LoadedClip | None = None
     pristine: dict[str, torch.Tensor] = {}
     zeroshot_cache: dict[tuple, tuple[dict[str, int], Outputs]] = {}
-    images = ImageCache()  # every pass of the sweep decodes an image once
+    images = images if images is not None else ImageCache()  # each image decoded once
     results = []
     for n, cell in enumerate(cells, 1):
         components = cell_components(suite, sweep, cell)
@@ -230,6 +289,8 @@ def run_sweep(
             if on_cell is not None:
                 on_cell(cell)
             continue
+        if before is not None and not before(cell):
+            break
         if clip is None:
             clip = load_clip(sweep.model, sweep.pretrained, device, sweep.runtime.channels_last)
             pristine = {k: v.detach().clone() for k, v in norm_parameters(clip.model).items()}
@@ -240,6 +301,7 @@ def run_sweep(
         if not len(unlabeled):
             raise UeoError(f"Domain {cell.domain} has no images of the {cell.scenario} classes.")
         recipe = sweep.cell_recipe(cell)
+        seed_everything(recipe.seed)  # a random context (--ctx-init '') is the cell's own
         model = UeoModel(clip, names, recipe.n_ctx, recipe.ctx_init.strip()).to(device)
         log.info(
             "[%d/%d] %s %s %s seed %d: %d unlabeled, %d test images",
@@ -252,12 +314,15 @@ def run_sweep(
             len(unlabeled),
             len(test),
         )
-        zs = _shared_zeroshot(zeroshot_cache, model, domain, names, unlabeled, test, sweep, images)
+        zs = _shared_zeroshot(
+            zeroshot_cache, model, domain, names, unlabeled, test, recipe, sweep.runtime, images
+        )
         staging = staging_dir(cell.path(out))
         resume = _resumable(staging, model, recipe, unlabeled, test)
         staging.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with logged_to(staging / LOG_FILE):
+            log.info("computed by process %d on %s, device %s", os.getpid(), gethostname(), device)
             result = adapt(
                 model,
                 unlabeled,
@@ -310,19 +375,23 @@ def _resumable(staging: Path, model: UeoModel, recipe: Recipe, unlabeled, test) 
 
 
 def _shared_zeroshot(
-    cache, model, domain, names, unlabeled, test, sweep, images
+    cache, model, domain, names, unlabeled, test, recipe, runtime, images
 ) -> dict[str, Outputs]:
-    """Zero-shot outputs of the scenario's sets, sliced from one pass over the whole domain."""
-    r = sweep.recipe
-    key = (domain.name, tuple(names), r.precision, r.ctx_init, r.n_ctx)
+    """Zero-shot outputs of the scenario's sets, sliced from one pass over the whole domain.
+
+    The pass serves every cell whose prompt starts the same: the same known classes and
+    context, and, for a random context (--ctx-init ''), the same seed."""
+    r = recipe
+    seed = None if r.ctx_init.strip() else r.seed
+    key = (domain.name, tuple(names), r.precision, r.ctx_init, r.n_ctx, seed)
     if key not in cache:
         paths = sorted(set(domain.unlabeled.paths) | set(domain.test.paths))
         everything = ImageSet(paths, np.full(len(paths), OOD), domain.name)
         out = infer(
             model,
             everything,
-            sweep.runtime,
-            precision=sweep.recipe.precision,
+            runtime,
+            precision=r.precision,
             desc=f"zero-shot {domain.name}",
             cache=images,
         )
