@@ -178,3 +178,18 @@ def test_context_initialised_from_token_embeddings(tiny):
     expected = clip.model.token_embedding.weight[ids]
     assert torch.equal(learner.ctx.detach(), expected)
     assert learner.ctx.data_ptr() != clip.model.token_embedding.weight.data_ptr()
+
+
+def test_a_random_context_is_drawn_from_the_seed_alone():
+    """`--ctx-init ''`: the context depends on the recipe's seed, not on what the global
+    generator held when the model was built (it used to: `ueo adapt` was not reproducible)."""
+    from ueo.api import load_model
+    from ueo.recipe import Recipe
+
+    def ctx(seed: int, noise: int) -> torch.Tensor:
+        torch.manual_seed(noise)  # whatever ran before
+        recipe = Recipe(ctx_init="", n_ctx=4, seed=seed)
+        return load_model("ueo-tiny-rn", "bundled", ["cat", "dog"], recipe).prompt.ctx.detach()
+
+    assert torch.equal(ctx(5, noise=1), ctx(5, noise=2))
+    assert not torch.equal(ctx(5, noise=1), ctx(6, noise=1))

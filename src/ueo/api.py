@@ -51,11 +51,13 @@ def load_model(
     device: str = "cpu",
     channels_last: bool = True,
 ) -> UeoModel:
-    """A zero-shot model ready to adapt, its prompt built as `recipe` says (n_ctx, ctx_init)."""
+    """A zero-shot model ready to adapt, its prompt built as `recipe` says (n_ctx, ctx_init; a
+    random context is drawn from its seed)."""
     recipe = recipe or Recipe()
     dev = resolve_device(device)
     clip = load_clip(model, pretrained, dev, channels_last)
-    return UeoModel(clip, class_names, recipe.n_ctx, recipe.ctx_init.strip()).to(dev)
+    model = UeoModel(clip, class_names, recipe.n_ctx, recipe.ctx_init.strip(), seed=recipe.seed)
+    return model.to(dev)
 
 
 def load_adapted(

@@ -23,7 +23,7 @@ from torch import nn
 from ueo.clip import LoadedClip
 from ueo.errors import UeoError
 from ueo.prompts import PromptLearner
-from ueo.recipe import DEFAULT_CTX_INIT, NORM_LAYERS, Recipe
+from ueo.recipe import DEFAULT_CTX_INIT, DEFAULT_SEED, NORM_LAYERS, Recipe
 from ueo.runtime import autocast
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -70,11 +70,14 @@ class UeoModel(nn.Module):
         n_ctx: int | None = None,
         ctx_init: str = DEFAULT_CTX_INIT,
         fast: bool = True,
+        seed: int = DEFAULT_SEED,
     ):
         super().__init__()
         self.clip = clip
         self.net = clip.model
-        self.prompt = PromptLearner(self.net, clip.tokenizer, class_names, n_ctx, ctx_init, fast)
+        self.prompt = PromptLearner(
+            self.net, clip.tokenizer, class_names, n_ctx, ctx_init, fast, seed
+        )
         self.eval()
 
     @property

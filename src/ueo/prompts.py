@@ -26,7 +26,7 @@ from torch import nn
 
 from ueo.errors import UeoError
 from ueo.names import spoken_name
-from ueo.recipe import DEFAULT_CTX_INIT
+from ueo.recipe import DEFAULT_CTX_INIT, DEFAULT_SEED
 
 
 def prompt_text(name: str) -> str:
@@ -110,6 +110,7 @@ class PromptLearner(nn.Module):
         n_ctx: int | None = None,
         ctx_init: str | None = DEFAULT_CTX_INIT,
         fast: bool = True,
+        seed: int = DEFAULT_SEED,
     ):
         super().__init__()
         self.tower = TextTower(model)
@@ -131,8 +132,11 @@ class PromptLearner(nn.Module):
         else:
             if not n_ctx:
                 raise UeoError("A random context needs --n-ctx >= 1.")
-            ctx = torch.empty(n_ctx, embed.weight.shape[1], device=device)
-            nn.init.normal_(ctx, std=0.02)
+            # Drawn from the recipe's seed alone (on the CPU, the same on every device), not
+            # from whatever the global generator holds when the model is built.
+            ctx = torch.empty(n_ctx, embed.weight.shape[1])
+            nn.init.normal_(ctx, std=0.02, generator=torch.Generator().manual_seed(seed))
+            ctx = ctx.to(device)
         self.ctx = nn.Parameter(ctx.float())
         self.n_ctx = ctx.shape[0]
         self.ctx_init = ctx_init or ""

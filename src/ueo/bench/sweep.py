@@ -37,7 +37,7 @@ from ueo.methods import get_method, method_names
 from ueo.model import UeoModel, norm_parameters
 from ueo.recipe import Recipe, Runtime
 from ueo.runs import LOG_FILE, METRICS_FILE, logged_to, publish, save_run, staging_dir
-from ueo.runtime import checked_runtime, resolve_device, seed_everything
+from ueo.runtime import checked_runtime, resolve_device
 
 log = logging.getLogger("ueo")
 
@@ -301,8 +301,8 @@ def run_sweep(
         if not len(unlabeled):
             raise UeoError(f"Domain {cell.domain} has no images of the {cell.scenario} classes.")
         recipe = sweep.cell_recipe(cell)
-        seed_everything(recipe.seed)  # a random context (--ctx-init '') is the cell's own
-        model = UeoModel(clip, names, recipe.n_ctx, recipe.ctx_init.strip()).to(device)
+        ctx = (recipe.n_ctx, recipe.ctx_init.strip())  # a random context: from the cell's seed
+        model = UeoModel(clip, names, *ctx, seed=recipe.seed).to(device)
         log.info(
             "[%d/%d] %s %s %s seed %d: %d unlabeled, %d test images",
             n,
