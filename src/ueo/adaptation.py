@@ -123,8 +123,7 @@ def adapt(
     bad = BadImages(runtime.on_bad_image)
     cache = cache if cache is not None else ImageCache()
     sets = {"unlabeled": unlabeled} if test is None else {"unlabeled": unlabeled, "test": test}
-    main = current_world().main
-    events = open_event_log(runtime, checkpoint_dir) if main else NoEventLog()
+    events = open_event_log(runtime, checkpoint_dir) if current_world().main else NoEventLog()
 
     def run(images: ImageSet, desc: str) -> Outputs:
         return infer(

@@ -119,7 +119,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, training: bool = False) -> Non
     )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     if training:
-        group.add_argument("--compile", action="store_true", help="torch.compile the image tower")
+        group.add_argument(
+            "--compile", action="store_true", help="torch.compile the forward pass (both towers)"
+        )
         group.add_argument(
             "--eval-every",
             type=int,
