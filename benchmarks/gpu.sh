@@ -4,7 +4,8 @@
 #      against ueo's step in fp32 (equal numbers) and bf16 (speed), images/s and the share of the
 #      card's bf16 matmul rate; RN50 at 65 classes also compiled; a torch.profiler table per case;
 #   2. whole epochs with the real loader for RN50 and ViT-B/16 in bf16 (what bounds an epoch);
-#   3. `ueo adapt` end to end on the same JPEGs (where its wall time goes: metrics.json timings_s).
+#   3. `ueo adapt` end to end on the same JPEGs (where its wall time goes: metrics.json timings_s);
+#   4. the BatchNorm lead not taken: the step with the frozen affine form against PyTorch's own.
 #
 # The lent GPU machines have PyTorch but not open_clip and reach no package registry, so the
 # wheels travel with the working tree: run `make wheels` here first, then on the GPU machine
@@ -27,10 +28,11 @@ fi
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "${QUICK:-0}" = 1 ]; then  # a dry run: tiny models, few images
-  CASES="ueo-tiny-rn:65 ueo-tiny-vit:65"; COMPILED=""; MODELS="ueo-tiny-rn"
+  CASES="ueo-tiny-rn:65 ueo-tiny-vit:65"; COMPILED=""; MODELS="ueo-tiny-rn"; RESNET=ueo-tiny-rn
   IMAGES=48; WORKERS=1; BATCH=16; STEPS=4
 else
   CASES="RN50:345 RN50:65 ViT-B-16:345 ViT-B-16:65"; COMPILED="RN50:65"; MODELS="RN50 ViT-B-16"
+  RESNET=RN50
   IMAGES=2000; WORKERS=12; BATCH=64; STEPS=10
 fi
 {
@@ -67,5 +69,10 @@ timeout 200 "$PY" -m ueo adapt --model "$model" \
   --data /tmp/ueo-epoch-images --classes src/ueo/bench/classes/domainnet.classes.txt \
   --epochs 2 --batch-size "$BATCH" --precision bf16 --device "$DEVICE" --workers "$WORKERS" \
   --out "$OUT/adapt" --quiet > "$OUT/adapt.txt" 2>&1 || { cat "$OUT/adapt.txt"; exit 1; }
+
+# 4. BatchNorm in the frozen affine form against PyTorch's own (ueo's step, RN50, 65 classes).
+timeout 120 "$PY" benchmarks/frozen_norm.py --model "$RESNET" --classes 65 --device "$DEVICE" \
+  --precision bf16 --batch "$BATCH" --steps "$STEPS" --profile "$OUT/profiles" --json \
+  > "$OUT/frozen_norm.json"
 
 "$PY" benchmarks/gpu_table.py "$OUT" | tee "$OUT/table.md"

@@ -78,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads(metrics.read_text())
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in record.get("timings_s", {}).items())
         lines += ["", f"ueo adapt, 2 epochs: {record['wall_time_s']:.1f} s in adapt ({phases})"]
+    norm = records(folder / "frozen_norm.json")
+    if norm:
+        r = norm[0]
+        prof = r["profile_per_step"]
+        lines += [
+            "",
+            f"BatchNorm as a frozen affine op ({r['model']}, {r['classes']} classes, "
+            f"{r['precision']}): native {r['native_s_per_step']:.4f} s/step, affine "
+            f"{r['affine_s_per_step']:.4f} s/step (affine {r['affine_vs_native']:.2f}x native); "
+            f"kernels/step {prof['native']['kernels_per_step']} vs "
+            f"{prof['affine']['kernels_per_step']}; fp32 max abs param diff "
+            f"{r['max_abs_param_diff_after_3_steps_fp32']:.1e}",
+        ]
     print("\n".join(lines))
     return 0
 

@@ -15,6 +15,8 @@ import batch_finish  # noqa: E402
 import diagnostics_check  # noqa: E402
 import diagnostics_cost  # noqa: E402
 import epoch_speed  # noqa: E402
+import frozen_norm  # noqa: E402
+import gpu_table  # noqa: E402
 import step_speed  # noqa: E402
 import upl_precision  # noqa: E402
 
@@ -51,6 +53,32 @@ def test_step_speed_low_precision_and_profile(tmp_path, capsys):
     profile = record["profile"]
     assert profile["aten_ops_per_step"] > 100 and profile["wall_ms_per_step"] > 0
     assert "aten::" in Path(profile["table"]).read_text()
+
+
+def test_frozen_norm_forms_agree_and_the_table_reads_them(tmp_path, capsys):
+    """The BatchNorm lead of the GPU benchmark: ueo's step with the frozen affine form gives
+    PyTorch's numbers to float rounding (and the tuned tensors did move), with a profile of
+    each form; gpu.sh's table prints the comparison."""
+    argv = ["--model", "test-tiny-rn", "--classes", "65", "--batch", "4", "--device", "cpu"]
+    argv += ["--steps", "1", "--repeats", "1", "--profile", str(tmp_path), "--json"]
+    assert frozen_norm.main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    record = json.loads(line)
+    assert record["batchnorm_layers"] > 0
+    assert record["max_abs_loss_diff_3_steps_fp32"] < 1e-5
+    assert record["max_abs_param_diff_after_3_steps_fp32"] < 1e-5
+    for form in ("native", "affine"):
+        assert record[f"{form}_s_per_step"] > 0
+        assert record["profile_per_step"][form]["aten_ops_per_step"] > 100
+    ops = {k: v["aten_ops_per_step"] for k, v in record["profile_per_step"].items()}
+    assert ops["affine"] > ops["native"]  # the affine form is more ops in eager mode
+    (tmp_path / "frozen_norm.json").write_text(line + "\n")
+    assert gpu_table.main([str(tmp_path)]) == 0
+    assert "BatchNorm as a frozen affine op (test-tiny-rn, 65 classes, fp32)" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit, match="no BatchNorm"):
+        frozen_norm.main([*argv[:1], "test-tiny-vit", *argv[2:]])
 
 
 def test_epoch_speed_reports_rates_and_decodes_each_image_once(tmp_path, capsys):
