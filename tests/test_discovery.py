@@ -9,6 +9,7 @@ import codecs
 import csv
 import itertools
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -349,6 +350,33 @@ def test_known_classes_are_never_candidate_names(tmp_path):
     assert without_known(vocab, CLASSES).names == ("zebra", "sea lion")
     with pytest.raises(UeoError, match="holds only known class names"):
         without_known(Vocabulary(("red_square",), "x"), CLASSES)
+
+
+def test_wordnet_synonyms_of_a_known_first_sense_are_not_candidates(tmp_path, caplog):
+    """From WordNet, the lemmas sharing a known class's first synset go with it (`domestic
+    dog` with `dog`); those of its other senses stay (`hot dog`, `frankfurter`), and so does
+    everything in a user's file, which has no senses."""
+    path = tmp_path / "index.noun"
+    path.write_text(
+        WORDNET_HEADER
+        + "dog n 3 2 @ ~ 3 1 02084071 07697537 10114209  \n"
+        + "domestic_dog n 1 1 @ 1 0 02084071  \n"
+        + "hot_dog n 1 1 @ 1 0 07697537  \n"
+        + "frankfurter n 1 0 1 0 07697537  \n"
+        + "Canis_familiaris n 1 1 @ 1 0 02084071  \n"
+        + "zebra n 1 2 @ ~ 1 0 02391049  \n"
+        + "odd_entry n\n"  # no synsets: kept, never matched
+    )
+    vocab = load_vocabulary(path)
+    assert vocab.senses["dog"] == (2084071, 7697537, 10114209)
+    assert vocab.senses["odd entry"] == ()
+    with caplog.at_level(logging.INFO, logger="ueo"):
+        left = without_known(vocab, ["Dog", "cat"])
+    assert left.names == ("hot dog", "frankfurter", "zebra", "odd entry")
+    assert "Left out 2 synonym(s) of the known classes" in caplog.text
+    assert without_known(vocab, ["zebra"]).names == tuple(n for n in vocab.names if n != "zebra")
+    plain = Vocabulary(vocab.names, "user file")
+    assert without_known(plain, ["dog"]).names == vocab.names[1:]
 
 
 @pytest.mark.parametrize("content", ["", "\n  \n"])

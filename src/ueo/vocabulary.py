@@ -5,7 +5,8 @@ A vocabulary is WordNet's English nouns by default, read offline from the Debian
 then one lemma per line, `_` for a space), or a user's file of one name per line. Names are
 compared as class names are (`ueo.names.normalize_name`): duplicates are dropped, and the
 known classes are taken out before naming, so a known class is never proposed as the name of
-an unknown group.
+an unknown group; from WordNet, so are the synonyms of a known class's first (most frequent)
+sense (`dog` takes `domestic dog` and `Canis familiaris` with it, not `hot dog`).
 
 Encoding runs every name through the text tower with the adapted model's own learned context,
 as its class names are: `[SOS] ctx <name>. [EOS]`. Tens of thousands of names do not fit in
@@ -22,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ class Vocabulary:
 
     names: tuple[str, ...]
     source: str
+    # WordNet only: each name's synsets (offsets in the index file), most frequent sense first.
+    senses: dict[str, tuple[int, ...]] | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -62,20 +65,36 @@ class Vocabulary:
 
 
 def read_wordnet(path: str | os.PathLike) -> list[str]:
-    """The lemmas of a WordNet index file (`index.noun`, ...), `_` read as a space.
+    """The lemmas of a WordNet index file (`index.noun`, ...), `_` read as a space."""
+    return list(read_wordnet_senses(path))
 
-    Licence lines start with a space; every other line is `lemma pos ...`.
+
+def read_wordnet_senses(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Each lemma of a WordNet index file (`_` read as a space) with its synsets, most frequent
+    sense first.
+
+    Licence lines start with a space; every other line is `lemma pos synset_cnt p_cnt
+    [pointer symbol]*p_cnt sense_cnt tagsense_cnt [synset offset]*` (wndb(5WN)).
     """
     path = Path(path)
-    names = []
+    senses: dict[str, tuple[int, ...]] = {}
     for number, line in enumerate(read_lines(path, "WordNet index"), 1):
         if not line.strip() or line.startswith(" "):
             continue
         fields = line.split()
         if len(fields) < 2 or fields[1] not in WORDNET_POS:
             raise UeoError(f"{path}:{number} is not a WordNet index line: {line[:60]!r}.")
-        names.append(spoken_name(fields[0]))
-    return names
+        senses[spoken_name(fields[0])] = _synset_offsets(fields)
+    return senses
+
+
+def _synset_offsets(fields: list[str]) -> tuple[int, ...]:
+    """The synset offsets of an index line's fields; none if the line is short of them."""
+    try:
+        first = 4 + int(fields[3]) + 2  # past the pointer symbols, sense_cnt and tagsense_cnt
+        return tuple(int(f) for f in fields[first:])
+    except (IndexError, ValueError):
+        return ()
 
 
 def read_name_list(path: str | os.PathLike) -> list[str]:
@@ -102,11 +121,13 @@ def load_vocabulary(spec: str | os.PathLike | None = None) -> Vocabulary:
             raise UeoError(f"Vocabulary {path}: {exc.strerror}.") from None
         if not found:
             raise UeoError(f"Vocabulary file {path} not found.")
-    names = read_wordnet(path) if path.name in WORDNET_FILES else read_name_list(path)
-    unique = _unique(names)
+    senses = read_wordnet_senses(path) if path.name in WORDNET_FILES else None
+    unique = _unique(list(senses) if senses is not None else read_name_list(path))
     if not unique:
         raise UeoError(f"Vocabulary {path} holds no names.")
-    return Vocabulary(tuple(unique), str(path))
+    if senses is not None:
+        senses = {normalize_name(n): senses[n] for n in unique}
+    return Vocabulary(tuple(unique), str(path), senses)
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -121,15 +142,27 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def without_known(vocabulary: Vocabulary, known: list[str]) -> Vocabulary:
-    """The vocabulary less the known class names (so none names an unknown group)."""
+    """The vocabulary less the known class names (so none names an unknown group) and, from
+    WordNet, less the synonyms of their first sense (the sense a class list most likely
+    means; the others, e.g. `hot dog` for `dog`, can name something else)."""
     keys = {normalize_name(n) for n in known}
-    names = tuple(n for n in vocabulary.names if normalize_name(n) not in keys)
+    senses = vocabulary.senses or {}
+    first = {senses[k][0] for k in keys if senses.get(k)}
+    names = tuple(
+        n
+        for n in vocabulary.names
+        if normalize_name(n) not in keys
+        and not first.intersection(senses.get(normalize_name(n), ()))
+    )
+    synonyms = len(vocabulary.names) - len(names) - len(keys.intersection(senses))
+    if senses and synonyms > 0:
+        log.info("Left out %d synonym(s) of the known classes from the vocabulary", synonyms)
     if not names:
         raise UeoError(
-            f"The vocabulary {vocabulary.source} holds only known class names: no name is left "
-            "for unknown groups."
+            f"The vocabulary {vocabulary.source} holds only known class names"
+            f"{' and their synonyms' if senses else ''}: no name is left for unknown groups."
         )
-    return Vocabulary(names, vocabulary.source)
+    return Vocabulary(names, vocabulary.source, vocabulary.senses)
 
 
 def fitting_names(model: UeoModel, names: tuple[str, ...]) -> tuple[str, ...]:
