@@ -82,6 +82,33 @@ def test_diagnose_keeps_the_best_candidate_by_the_ranking_score(two_runs, capsys
         assert peak["scores"][RANK_BY] > values[peak["method"]]
 
 
+def test_diagnose_reads_runs_without_importing_torch(two_runs, capsys):
+    """Ranking runs reads their JSON only: in a fresh interpreter `ueo diagnose` answers, the
+    same table as in this process, and torch was never imported."""
+    import os
+    import subprocess
+    import sys
+
+    root, runs = two_runs
+    argv = ["diagnose", str(runs["ueo"]), str(runs["entmin"])]
+    assert main(argv) == 0
+    expected = capsys.readouterr().out
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = (
+        "import sys\nfrom ueo.cli import main\n"
+        f"code = main({argv!r})\n"
+        "print('TORCH', 'torch' in sys.modules, code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    out, last = done.stdout.rsplit("TORCH", 1)
+    assert last.split() == ["False", "0"]
+    assert out == expected
+
+
 def test_diagnose_refuses_runs_on_other_data_and_non_runs(two_runs, tmp_path, capsys):
     _, runs = two_runs
     other = tmp_path / "other"

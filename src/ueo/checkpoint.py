@@ -28,8 +28,8 @@ from ueo import __version__
 from ueo.errors import UeoError
 from ueo.fingerprint import describe_changes
 from ueo.io import atomic_write
+from ueo.layout import CHECKPOINT_FILE as CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
 META_KEY = "ueo_checkpoint"
 FORMAT = 1
 

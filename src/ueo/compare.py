@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ueo.diagnostics import score_info
 from ueo.errors import UeoError
-from ueo.runs import METRICS_FILE
+from ueo.layout import METRICS_FILE
 
 RANK_BY = "nuclear"
 # (relative gap up to, in percent; share of the checkpoint pairs of a testbed task that the

@@ -25,9 +25,8 @@ from safetensors.torch import save_file
 from ueo.checks import check_output_dir as check_output_dir
 from ueo.checks import check_output_file as check_output_file
 from ueo.errors import UeoError
+from ueo.layout import ADAPTER_FILE as ADAPTER_FILE
 from ueo.recipe import Recipe
-
-ADAPTER_FILE = "adapter.safetensors"
 
 
 @contextmanager

@@ -19,11 +19,11 @@ from ueo import __version__
 from ueo.adaptation import AdaptResult
 from ueo.checkpoint import CHECKPOINT_FILE
 from ueo.io import ADAPTER_FILE, save_adapter, write_json
+from ueo.layout import LOG_FILE as LOG_FILE
+from ueo.layout import METRICS_FILE as METRICS_FILE
 from ueo.model import UeoModel
 from ueo.runtime import LOG_FORMAT
 
-METRICS_FILE = "metrics.json"
-LOG_FILE = "log.txt"
 THRESHOLD_RULE = "otsu(MCM scores of the adapted model on the unlabeled set)"
 
 
