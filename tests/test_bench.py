@@ -3,6 +3,7 @@ what makes a finished cell reusable (its recipe, never its runtime)."""
 
 import csv
 import json
+import logging
 from dataclasses import fields, replace
 
 import numpy as np
@@ -23,6 +24,7 @@ from ueo.bench.sweep import (
     Domain,
     Suite,
     Sweep,
+    cell_components,
     cell_costs,
     cell_fingerprint,
     load_scores,
@@ -34,6 +36,7 @@ from ueo.bench.sweep import (
 from ueo.cli import build_parser, main
 from ueo.data import ImageSet
 from ueo.errors import UeoError
+from ueo.fingerprint import digest
 from ueo.methods import METHODS, Method, get_method, method_names
 from ueo.recipe import Recipe, Runtime
 
@@ -431,6 +434,35 @@ def test_recipe_change_recomputes_a_cell_and_runtime_change_does_not(
     )
     assert metrics.stat().st_mtime_ns != stamp
     assert json.loads(metrics.read_text())["recipe"]["lr_prompt"] == 1e-3
+
+
+def test_cells_made_with_the_earlier_augmentation_draws_are_recomputed(
+    image_folder, tmp_path, caplog
+):
+    """A cell's identity names how augmentation is drawn: a cell stored by ueo before the keyed
+    draws (no such component) is recomputed, and the warning says why; without augmentation
+    the draws do not matter and are not part of the identity."""
+    suite = folder_suite(image_folder, CLASSES + UNKNOWN, known=3)
+    quiet = Runtime(device="cpu", workers=0, progress=False)
+    recipe = Recipe(epochs=1, batch_size=8)
+    sweep = Sweep("test-tiny-rn", "none", recipe, quiet, scenarios=["ODA"], methods=["ueo"])
+    [(cell, _)] = bench(suite, sweep, tmp_path)["results"]
+    metrics = cell.path(tmp_path) / "metrics.json"
+    record = json.loads(metrics.read_text())
+    components = record["cell_fingerprint_components"]
+    assert components["augmentation_draws"] == "keyed by (seed, epoch, image)"
+    assert status(suite, sweep, tmp_path) == [(cell, True)]
+    del components["augmentation_draws"]  # as an earlier ueo stored it
+    record["cell_fingerprint"] = digest(components)
+    metrics.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="ueo"):
+        assert status(suite, sweep, tmp_path) == [(cell, False)]
+    assert (
+        "how augmentation is drawn (each loader worker's generator (ueo before 2026-11-30) -> "
+        "keyed by (seed, epoch, image))" in caplog.text
+    )
+    plain = replace(sweep, recipe=recipe.replace(augment="none"))
+    assert "augmentation_draws" not in cell_components(suite, plain, cell)
 
 
 def test_every_cell_is_reported_once_computed_or_read_back(image_folder, tmp_path):

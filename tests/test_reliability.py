@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from ueo.bench.suites import folder_suite
 from ueo.bench.sweep import Sweep, run_sweep
-from ueo.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ueo.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ueo.cli import COMMANDS, build_parser, main
 from ueo.errors import UeoError
 from ueo.fingerprint import weights_identity
@@ -199,6 +199,16 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, small_folde
     other = ",".join(reversed(CLASSES))
     with pytest.raises(UeoError, match="the class names"):
         main_raising(adapt_argv(small_folder, out, *ONE, "--resume", classes=other))
+    # A checkpoint of ueo before the keyed augmentation draws (its identity does not name them).
+    checkpoint = staging / CHECKPOINT_FILE
+    original = checkpoint.read_bytes()
+    tensors, meta = load_checkpoint(checkpoint)
+    assert meta["identity"].pop("augmentation_draws") == "keyed by (seed, epoch, image)"
+    save_checkpoint(checkpoint, tensors, {k: v for k, v in meta.items() if k != "format"})
+    earlier = r"how augmentation is drawn \(each loader worker's generator \(ueo before"
+    with pytest.raises(UeoError, match=earlier):
+        main_raising(adapt_argv(small_folder, out, *ONE, "--resume"))
+    checkpoint.write_bytes(original)
     assert main(adapt_argv(small_folder, out, *ONE, "--resume")) == 0
     assert (out / ADAPTER_FILE).is_file() and not staging.exists()
 

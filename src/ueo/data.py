@@ -210,6 +210,12 @@ def _read_list(path: Path, n_known: int, root: Path, check_exists: bool) -> Imag
     return ImageSet(paths, np.array(labels), str(path))
 
 
+# How an augmented run draws its crops and flips. Runs name it in their identity
+# (`ueo.fingerprint.run_identity`): ueo before 2026-11-30 drew them from each loader worker's
+# generator, so its checkpoints and benchmark cells are not taken for this stream's.
+AUGMENTATION_DRAWS = "keyed by (seed, epoch, image)"
+
+
 def draw_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of the random draws of sample `index` in `epoch` of a run seeded `seed`.
 

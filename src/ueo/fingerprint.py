@@ -2,7 +2,8 @@
 
 A run's identity (`run_identity`) and a benchmark cell's fingerprint are dicts of
 components: the recipe, the model name, the weights (`weights_identity`), the class names in
-order, the images (`images_digest`) and, for a cell, the scenario's class split. Two runs
+order, the images (`images_digest`), how augmentation is drawn (when a run augments) and, for
+a cell, the scenario's class split. Two runs
 with equal components compute the same numbers; `describe_changes` names the components that
 differ, so a refused resume or a recomputed cell says why.
 """
@@ -14,7 +15,7 @@ import json
 import os
 from dataclasses import asdict
 
-from ueo.data import ImageSet
+from ueo.data import AUGMENTATION_DRAWS, ImageSet
 from ueo.recipe import Recipe
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -29,7 +30,10 @@ COMPONENT_NAMES = {
     "known_classes": "the known classes",
     "unlabeled": "the unlabeled images (paths or labels)",
     "test": "the test images (paths or labels)",
+    "augmentation_draws": "how augmentation is drawn",
 }
+# What an augmented run's identity without "augmentation_draws" was made with.
+EARLIER_DRAWS = "each loader worker's generator (ueo before 2026-11-30)"
 
 
 def weights_identity(model_name: str, pretrained: str) -> str:
@@ -84,7 +88,7 @@ def run_identity(
     test: ImageSet | None = None,
 ) -> dict:
     """Everything that determines an adaptation run's numbers (the runtime aside)."""
-    return {
+    identity = {
         "recipe": asdict(recipe),
         "model": model_name,
         "pretrained": pretrained,
@@ -93,6 +97,9 @@ def run_identity(
         "unlabeled": images_digest(unlabeled),
         "test": images_digest(test),
     }
+    if recipe.augment != "none":
+        identity["augmentation_draws"] = AUGMENTATION_DRAWS
+    return identity
 
 
 def digest(components: dict) -> str:
@@ -113,12 +120,21 @@ def describe_changes(old: dict, new: dict) -> list[str]:
                     flag = "--" + name.replace("_", "-")
                     changes.append(f"{flag} ({_short(a.get(name))} -> {_short(b.get(name))})")
             continue
+        if key == "augmentation_draws":
+            if _augment(old) != _augment(new):  # the --augment line says it
+                continue
+            a, b = a or EARLIER_DRAWS, b or EARLIER_DRAWS
         what = COMPONENT_NAMES.get(key, key)
         if key in ("unlabeled", "test", "weights"):
             changes.append(what)
         else:
             changes.append(f"{what} ({_short(a)} -> {_short(b)})")
     return changes
+
+
+def _augment(components: dict) -> object:
+    recipe = components.get("recipe")
+    return recipe.get("augment") if isinstance(recipe, dict) else None
 
 
 def _short(value, limit: int = 60) -> str:
