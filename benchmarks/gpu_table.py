@@ -31,8 +31,10 @@ def step_table(rows: list[dict]) -> list[str]:
     for r in rows:
         prof = r.get("profile", {})
         share = r.get("fraction_of_matmul_peak")
+        run = " (compiled run)" if "compile_s" in r else ""
         out.append(
-            f"| {r['model']}, {r['classes']} classes | {fmt(r['reference_s_per_step'], '.4f')} "
+            f"| {r['model']}, {r['classes']} classes{run} "
+            f"| {fmt(r['reference_s_per_step'], '.4f')} "
             f"| {fmt(r['ueo_s_per_step'], '.4f')} | {fmt(r['speedup'], '.2f')}x "
             f"| {fmt(r.get('reference_s_per_step_bf16'), '.4f')} "
             f"| {fmt(r.get('ueo_s_per_step_bf16'), '.4f')} | {fmt(r.get('speedup_bf16'), '.2f')}x "
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{prof['affine']['kernels_per_step']}; fp32 max abs param diff "
             f"{r['max_abs_param_diff_after_3_steps_fp32']:.1e}",
         ]
+    failures = folder / "failures.txt"
+    if failures.is_file() and failures.read_text().strip():
+        lines += ["", "Not measured:", failures.read_text().strip()]
     print("\n".join(lines))
     return 0
 
