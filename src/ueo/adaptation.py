@@ -130,16 +130,23 @@ def adapt(
             model, images, runtime, precision=recipe.precision, bad=bad, desc=desc, cache=cache
         )
 
+    def point(epoch: int, outs: dict[str, Outputs]) -> dict:
+        """A learning-curve point: each set's metrics and the unlabeled set's label-free
+        scores (against the zero-shot outputs)."""
+        return {
+            "epoch": epoch,
+            **{k: metrics_of(outs[k], v) for k, v in sets.items()},
+            "label_free": label_free(outs["unlabeled"], zs["unlabeled"], recipe.trade),
+        }
+
     def evaluate_epoch(epoch: int) -> None:
         """After each epoch: learning curves (the sets evaluated, with their label-free scores,
         every `runtime.eval_every` epochs), and the epoch's loss to the event log."""
         if runtime.eval_every and epoch % runtime.eval_every == 0 and epoch < recipe.epochs:
             with clock("evaluation"):
                 outs = {k: run(v, f"epoch {epoch} {k}") for k, v in sets.items()}
-                point = {"epoch": epoch, **{k: metrics_of(outs[k], v) for k, v in sets.items()}}
-                point["label_free"] = label_free(outs["unlabeled"], zs["unlabeled"], recipe.trade)
-            curves.append(point)
-            events.evaluation(point)
+                curves.append(point(epoch, outs))
+            events.evaluation(curves[-1])
         events.history(trainer.history[-1:])
 
     trainer = None
@@ -151,9 +158,9 @@ def adapt(
                     zs[name] = run(images, f"zero-shot {name}")
         for name, images in sets.items():
             _require_readable(zs[name], images, name)
-        metrics = {"zeroshot": {k: metrics_of(zs[k], v) for k, v in sets.items()}}
-        scores = {"zeroshot": label_free(zs["unlabeled"], zs["unlabeled"], recipe.trade)}
-        curves = [{"epoch": 0, **metrics["zeroshot"], "label_free": scores["zeroshot"]}]
+        curves = [point(0, zs)]
+        metrics = {"zeroshot": {k: curves[0][k] for k in sets}}
+        scores = {"zeroshot": curves[0]["label_free"]}
         events.evaluation(curves[0])
         final = zs
         with tuning(model, recipe) as groups:
@@ -173,13 +180,12 @@ def adapt(
                 final = {k: run(v, f"adapted {k}") for k, v in sets.items()}
             for name, out in final.items():
                 _require_finite(out, name)
-    metrics["adapted"] = {k: metrics_of(final[k], v) for k, v in sets.items()}
-    scores["adapted"] = label_free(final["unlabeled"], zs["unlabeled"], recipe.trade)
+    last = point(recipe.epochs, final)
+    metrics["adapted"] = {k: last[k] for k in sets}
+    scores["adapted"] = last["label_free"]
     if trainer is not None:
-        curves.append(
-            {"epoch": recipe.epochs, **metrics["adapted"], "label_free": scores["adapted"]}
-        )
-        events.evaluation(curves[-1])
+        curves.append(last)
+        events.evaluation(last)
     events.close()
     valid = final["unlabeled"].valid
     threshold = otsu_threshold(final["unlabeled"].score[valid])

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ueo.errors import UeoError
-from ueo.launch import check_launch_device, launch_from_env
+from ueo.launch import Launch, check_launch_device, launch_from_env
 
 log = logging.getLogger("ueo")
 
@@ -54,16 +54,10 @@ class World:
         GPU): which images of a batch each process could read, a stop request, ..."""
         if self.size == 1:
             return [list(values)]
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.size)]
-        with _peers():
-            dist.all_gather(sizes, torch.tensor([len(values)]), group=self.cpu_group)
-        longest = max(int(s) for s in sizes)
-        padded = torch.zeros(longest, dtype=torch.long)
-        padded[: len(values)] = torch.tensor(values, dtype=torch.long)
-        parts = [torch.zeros(longest, dtype=torch.long) for _ in range(self.size)]
-        with _peers():
-            dist.all_gather(parts, padded, group=self.cpu_group)
-        return [p[: int(s)].tolist() for p, s in zip(parts, sizes, strict=True)]
+        length = torch.tensor([len(values)], dtype=torch.long)
+        counts = [int(c) for c in _all_gather_rows(length, [1] * self.size, self.cpu_group)]
+        parts = _all_gather_rows(torch.tensor(values, dtype=torch.long), counts, self.cpu_group)
+        return [p.tolist() for p in parts]
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the processes, in place (the tuned tensors' gradients)."""
@@ -77,14 +71,9 @@ class World:
         the parts of an evaluation pass."""
         if self.size == 1:
             return rows
-        counts = self.exchange([len(rows)])
-        longest = max(c[0] for c in counts)
-        local = torch.zeros((longest, *rows.shape[1:]), dtype=torch.from_numpy(rows).dtype)
-        local[: len(rows)] = torch.from_numpy(rows)
-        parts = [torch.zeros_like(local) for _ in range(self.size)]
-        with _peers():
-            dist.all_gather(parts, local, group=self.cpu_group)
-        return np.concatenate([p[: c[0]].numpy() for p, c in zip(parts, counts, strict=True)])
+        counts = [c[0] for c in self.exchange([len(rows)])]
+        parts = _all_gather_rows(torch.from_numpy(rows), counts, self.cpu_group)
+        return np.concatenate([p.numpy() for p in parts])
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -103,6 +92,17 @@ class World:
 
 
 SINGLE = World()
+
+
+def _all_gather_rows(rows: torch.Tensor, counts: list[int], group=None) -> list[torch.Tensor]:
+    """Every process's rows, in rank order, process r holding `counts[r]` of them: padded to
+    the longest part for `all_gather`, which needs equal shapes, and cut back after."""
+    local = rows.new_zeros((max(counts), *rows.shape[1:]))
+    local[: len(rows)] = rows
+    parts = [torch.empty_like(local) for _ in counts]
+    with _peers():
+        dist.all_gather(parts, local, group=group)
+    return [p[:c] for p, c in zip(parts, counts, strict=True)]
 
 
 @contextmanager
@@ -158,15 +158,10 @@ def start_world(device: str) -> tuple[World, str]:
     if cuda:
         if not torch.cuda.is_available():
             raise UeoError(f"--device {device} was asked for but no CUDA GPU is available.")
-        if ":" not in device:
-            if launch.local_rank >= torch.cuda.device_count():
-                raise UeoError(
-                    f"Process {launch.rank} has LOCAL_RANK {launch.local_rank}, but this "
-                    f"machine has {torch.cuda.device_count()} GPU(s): start at most that many "
-                    "processes per machine."
-                )
-            device = f"cuda:{launch.local_rank}"
-        torch.cuda.set_device(torch.device(device))
+        if ":" in device:
+            torch.cuda.set_device(torch.device(device))
+        else:
+            device = local_cuda(launch)
     if _WORLD.size == 1:
         if not dist.is_initialized():
             backend = "nccl" if cuda else "gloo"
@@ -175,6 +170,18 @@ def start_world(device: str) -> tuple[World, str]:
         cpu_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else dist.group.WORLD
         _WORLD = World(launch.rank, launch.size, launch.local_rank, cpu_group)
     return _WORLD, device
+
+
+def local_cuda(launch: Launch) -> str:
+    """`cuda:LOCAL_RANK`, this process's GPU among its machine's, made the current device."""
+    if launch.local_rank >= torch.cuda.device_count():
+        raise UeoError(
+            f"Process {launch.rank} has LOCAL_RANK {launch.local_rank}, but this machine has "
+            f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU "
+            "(--nproc_per_node)."
+        )
+    torch.cuda.set_device(launch.local_rank)
+    return f"cuda:{launch.local_rank}"
 
 
 def end_world() -> None:
@@ -199,13 +206,7 @@ class Shard:
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The global batch's rows: the other processes' as values, this process's own rows
         with their gradient (so each process's backward pass reaches its part only)."""
-        longest = max(self.counts)
-        local = rows.new_zeros((longest, *rows.shape[1:]))
-        local[: len(rows)] = rows.detach()
-        parts = [torch.empty_like(local) for _ in self.counts]
-        with _peers():
-            dist.all_gather(parts, local)
-        parts = [p[:c] for p, c in zip(parts, self.counts, strict=True)]
+        parts = _all_gather_rows(rows.detach(), self.counts)
         parts[self.world.rank] = rows
         return torch.cat(parts)
 

@@ -26,7 +26,7 @@ from ueo.clip import check_model
 from ueo.data import ImageSet, load_image_set, parse_classes
 from ueo.discovery import DiscoverSettings, Discovery
 from ueo.discovery_files import JSON_FILE, write_discovery
-from ueo.distributed import on_main, start_world
+from ueo.distributed import World, on_main, start_world
 from ueo.errors import UeoError
 from ueo.fingerprint import images_digest, weights_identity
 from ueo.io import (
@@ -79,8 +79,7 @@ def adapt_job(
     """
     recipe = (recipe or Recipe()).validate()
     runtime = checked_runtime(runtime, recipe.precision)
-    world, device = start_world(runtime.device)
-    runtime = runtime.replace(device=device)
+    world, runtime = _joined(runtime)
     out = check_output_dir(out)
     check_model(model, pretrained)
     on_main(world, lambda: _prepare_run_dir(out, resume, overwrite), "preparing the run folder")
@@ -202,8 +201,7 @@ def eval_job(
 ) -> dict:
     """`ueo eval`: metrics of an adapter (or, without one, of the zero-shot `model`)."""
     runtime = checked_runtime(runtime)
-    world, device = start_world(runtime.device)
-    runtime = runtime.replace(device=device)
+    world, runtime = _joined(runtime)
     if out is not None:
         check_output_dir(out)
         if _holds_training_run(Path(out)):
@@ -257,8 +255,7 @@ def predict_job(
 ) -> dict:
     """`ueo predict`: one CSV row per readable image; returns counts and the threshold used."""
     runtime = checked_runtime(runtime)
-    world, device = start_world(runtime.device)
-    runtime = runtime.replace(device=device)
+    world, runtime = _joined(runtime)
     check_threshold(threshold)
     out = check_output_file(out)
     meta = adapter_metadata(adapter, runtime, pretrained)
@@ -353,6 +350,12 @@ def discover_job(
     write_discovery(staging, found, record)
     publish(staging, out)
     return found, record
+
+
+def _joined(runtime: Runtime) -> tuple[World, Runtime]:
+    """This process's world (torchrun's, or itself alone) and the runtime on its device."""
+    world, device = start_world(runtime.device)
+    return world, runtime.replace(device=device)
 
 
 def _discovery_dir(out: str | os.PathLike) -> Path:

@@ -126,6 +126,7 @@ class StepGuard:
             f"{g.get('name', 'group')}[{i}]" for g in self.groups for i in range(len(g["params"]))
         ]
         self.sizes = [p.numel() for p in self.params]
+        self.group_sizes = [sum(p.numel() for p in g["params"]) for g in self.groups]
         device = self.params[0].device
         self.ends = torch.tensor(self.sizes, device=device).cumsum(0)
         self.stopped = torch.zeros((), dtype=torch.bool, device=device)
@@ -140,18 +141,19 @@ class StepGuard:
         flat = self.world.sum_(torch.cat([g.reshape(-1) for g in grads]))
         current = torch.cat([p.detach().reshape(-1) for p in self.params])
         updated, start = [], 0
-        for group in self.groups:
-            end = start + sum(p.numel() for p in group["params"])
-            updated.append(current[start:end] - group["lr"] * flat[start:end])
-            start = end
+        for group, size in zip(self.groups, self.group_sizes, strict=True):
+            updated.append(current[start : start + size] - group["lr"] * flat[start : start + size])
+            start += size
         bad_grad, bad_param = ~flat.isfinite(), ~torch.cat(updated).isfinite()
         loss_ok, grads_ok, params_ok = loss.isfinite(), ~bad_grad.any(), ~bad_param.any()
         if scaler_skips_gradients:
-            kind = torch.where(loss_ok, torch.where(grads_ok & ~params_ok, BAD_PARAMETER, 0), 1)
+            kind = torch.where(
+                loss_ok, torch.where(grads_ok & ~params_ok, BAD_PARAMETER, FINITE), BAD_LOSS
+            )
         else:
             kind = torch.where(
                 loss_ok,
-                torch.where(grads_ok, torch.where(params_ok, 0, BAD_PARAMETER), BAD_GRADIENT),
+                torch.where(grads_ok, torch.where(params_ok, FINITE, BAD_PARAMETER), BAD_GRADIENT),
                 BAD_LOSS,
             )
         first = torch.where(kind == BAD_GRADIENT, bad_grad.int().argmax(), bad_param.int().argmax())

@@ -148,11 +148,9 @@ def without_known(vocabulary: Vocabulary, known: list[str]) -> Vocabulary:
     keys = {normalize_name(n) for n in known}
     senses = vocabulary.senses or {}
     first = {senses[k][0] for k in keys if senses.get(k)}
+    named = ((n, normalize_name(n)) for n in vocabulary.names)
     names = tuple(
-        n
-        for n in vocabulary.names
-        if normalize_name(n) not in keys
-        and not first.intersection(senses.get(normalize_name(n), ()))
+        n for n, key in named if key not in keys and not first.intersection(senses.get(key, ()))
     )
     synonyms = len(vocabulary.names) - len(names) - len(keys.intersection(senses))
     if senses and synonyms > 0:

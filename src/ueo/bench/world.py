@@ -30,8 +30,9 @@ from socket import gethostname
 import torch
 import torch.distributed as dist
 
-from ueo.bench.sweep import Cell, Suite, Sweep, cell_costs, plan, run_sweep, split, status
+from ueo.bench.sweep import Cell, Suite, Sweep, plan, run_sweep, shares, status
 from ueo.cache import ImageCache
+from ueo.distributed import local_cuda
 from ueo.errors import UeoError
 from ueo.launch import Launch, check_launch_device, launch_from_env
 
@@ -82,14 +83,7 @@ class World:
         check_launch_device(self.launch, device)
         if device.strip() not in ("auto", "cuda") or not torch.cuda.is_available():
             return device
-        local = self.launch.local_rank
-        if local >= torch.cuda.device_count():
-            raise UeoError(
-                f"LOCAL_RANK {local} but {torch.cuda.device_count()} GPU(s) here: start at "
-                "most one process per GPU (--nproc_per_node)."
-            )
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
+        return local_cuda(self.launch)
 
     def from_rank0(self, flags: list[bool] | None) -> list[bool]:
         """Rank 0's `flags` on every process (the others pass None, and their length is
@@ -202,11 +196,6 @@ def joined(launch: Launch | None = None) -> Iterator[World]:
         yield World(launch, store)
     finally:
         dist.destroy_process_group()
-
-
-def shares(suite: Suite, sweep: Sweep, cells: list[Cell], n: int) -> list[list[Cell]]:
-    """`cells` (in plan order) cut into `n` contiguous parts of about equal work."""
-    return [[cells[i] for i in part] for part in split(cell_costs(suite, sweep, cells), n)]
 
 
 def run_share(suite: Suite, sweep: Sweep, out: Path, world: World) -> None:
