@@ -19,7 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ueo import __version__
-from ueo.bench.grid import check_grid, check_known, check_source, parse_shard
+from ueo.bench.grid import bench_recipe, check_grid, check_known, check_source, parse_shard
 from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, SCENARIOS, dataset_info
 from ueo.checks import check_input_path, check_output_dir, check_output_file, check_threshold
 from ueo.demo import BUNDLED_MODELS
@@ -527,6 +527,30 @@ def _seeds(text: str) -> list[int]:
         raise UeoError(f"--seeds must be integers, not {text!r}.") from None
 
 
+def bench_source(args) -> dict:
+    """`bench`'s data source, as `check_source` and `bench_suite` take it."""
+    return {
+        "dataset": args.dataset,
+        "root": args.root,
+        "lists": args.lists,
+        "data": args.data,
+        "all_classes": args.all_classes,
+        "known": args.known,
+        "known_classes": _split(args.known_classes),
+    }
+
+
+def bench_grid(args) -> dict:
+    """`bench`'s grid, as `check_grid` and `Sweep` take it."""
+    return {
+        "methods": _split(args.methods) or [],
+        "scenarios": [s.upper() for s in _split(args.scenarios) or []],
+        "seeds": _seeds(args.seeds),
+        "domains": _split(args.domains),
+        "shard": parse_shard(args.shard),
+    }
+
+
 def check_bench(args) -> None:
     if args.old_classes:
         if args.all_classes:
@@ -537,32 +561,17 @@ def check_bench(args) -> None:
             file=sys.stderr,
         )
         args.all_classes, args.old_classes = args.old_classes, None
-    known_classes = _split(args.known_classes)
-    check_source(
-        dataset=args.dataset,
-        root=args.root,
-        lists=args.lists,
-        data=args.data,
-        all_classes=args.all_classes,
-        known=args.known,
-        known_classes=known_classes,
-    )
-    check_grid(
-        methods=_split(args.methods) or [],
-        scenarios=[s.upper() for s in _split(args.scenarios) or []],
-        seeds=_seeds(args.seeds),
-        domains=_split(args.domains),
-        shard=parse_shard(args.shard),
-    )
-    epochs = dataset_info(args.dataset).epochs if args.dataset else Recipe().epochs
-    Recipe(epochs=epochs).replace(**recipe_settings(args)).validate()
+    source = bench_source(args)
+    check_source(**source)
+    check_grid(**bench_grid(args))
+    bench_recipe(args.dataset, **recipe_settings(args))
     runtime_of(args)
     if args.dry_run and args.report_only:
         raise UeoError("Give --dry-run or --report-only, not both.")
     check_output_dir(args.out)
     if args.data:
         check_input_path(args.data)
-        check_known(parse_classes(args.all_classes), args.known, known_classes)
+        check_known(parse_classes(args.all_classes), args.known, source["known_classes"])
     else:
         check_input_path(args.root, "Dataset root")
         if args.lists:
@@ -695,7 +704,7 @@ def _ranges(values: list[int]) -> str:
 
 def cmd_bench(args) -> int:
     _use_available_cpus()
-    from ueo.bench.jobs import bench, bench_recipe, bench_suite, canonical_domains
+    from ueo.bench.jobs import bench, bench_suite, canonical_domains
     from ueo.bench.sweep import Sweep
     from ueo.bench.world import OtherRankFailed, joined
 
@@ -706,24 +715,10 @@ def cmd_bench(args) -> int:
         pretrained=args.pretrained,
         recipe=recipe,
         runtime=runtime_of(args),
-        scenarios=[s.upper() for s in _split(args.scenarios) or []],
-        methods=_split(args.methods) or [],
-        seeds=_seeds(args.seeds),
-        domains=_split(args.domains),
-        shard=parse_shard(args.shard),
+        **bench_grid(args),
     ).validate()
     _setup_logging(args.quiet, epochs=False)
-    suite = bench_suite(
-        args.out,
-        dataset=args.dataset,
-        root=args.root,
-        lists=args.lists,
-        data=args.data,
-        all_classes=args.all_classes,
-        known=args.known,
-        known_classes=_split(args.known_classes),
-        domains=_split(args.domains),
-    )
+    suite = bench_suite(args.out, **bench_source(args), domains=_split(args.domains))
     sweep.domains = canonical_domains(suite, sweep.domains)
     if (args.dry_run or args.report_only) and launch.rank > 0:
         return 0  # rank 0 says it for every process
@@ -750,8 +745,7 @@ def cmd_bench(args) -> int:
 
 def _print_plan(suite, sweep, out: Path, processes: int) -> None:
     """The cells and which exist; under torchrun, also which process will compute each."""
-    from ueo.bench.sweep import status
-    from ueo.bench.world import shares
+    from ueo.bench.sweep import shares, status
 
     cells = status(suite, sweep, out)
     owner = {}

@@ -1,4 +1,5 @@
-"""The checks of a benchmark grid's options that need no heavy library (torch-free).
+"""The checks of a benchmark grid's options that need no heavy library (torch-free), and
+its recipe.
 
 `ueo bench` runs them before it imports torch, so that a mistyped shard, a value listed twice
 or options of two data sources at once are answered at once; `Sweep.validate` and
@@ -11,7 +12,13 @@ from ueo.bench.protocol import SCENARIOS, dataset_info
 from ueo.errors import UeoError
 from ueo.methods import get_method
 from ueo.names import normalize_name
-from ueo.recipe import MAX_SEED
+from ueo.recipe import MAX_SEED, Recipe
+
+
+def bench_recipe(dataset: str | None, **settings) -> Recipe:
+    """The reference recipe for `dataset` (its epochs), with `settings` overriding it."""
+    base = Recipe(epochs=dataset_info(dataset).epochs) if dataset else Recipe()
+    return base.replace(**settings).validate()
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ueo.bench.grid import bench_recipe as bench_recipe
 from ueo.bench.grid import check_known, check_source
 from ueo.bench.prepare import prepare_lists
 from ueo.bench.protocol import DATASETS, dataset_info, domain_name
@@ -23,16 +24,9 @@ from ueo.bench.world import World, run_share
 from ueo.data import parse_classes
 from ueo.errors import UeoError
 from ueo.io import check_output_dir
-from ueo.recipe import Recipe
 from ueo.runs import METRICS_FILE
 
 log = logging.getLogger("ueo")
-
-
-def bench_recipe(dataset: str | None, **settings) -> Recipe:
-    """The reference recipe for `dataset` (its epochs), with `settings` overriding it."""
-    base = Recipe(epochs=dataset_info(dataset).epochs) if dataset else Recipe()
-    return base.replace(**settings).validate()
 
 
 def bench_suite(

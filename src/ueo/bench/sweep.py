@@ -155,9 +155,12 @@ def plan(suite: Suite, sweep: Sweep) -> list[Cell]:
         for seed in sweep.seeds
     ]
     k, n = sweep.shard
-    if n == 1:
-        return cells
-    return [cells[i] for i in split(cell_costs(suite, sweep, cells), n)[k]]
+    return cells if n == 1 else shares(suite, sweep, cells, n)[k]
+
+
+def shares(suite: Suite, sweep: Sweep, cells: list[Cell], n: int) -> list[list[Cell]]:
+    """`cells` (in plan order) cut into `n` contiguous parts of about equal work."""
+    return [[cells[i] for i in part] for part in split(cell_costs(suite, sweep, cells), n)]
 
 
 def cell_costs(suite: Suite, sweep: Sweep, cells: list[Cell]) -> list[float]:
