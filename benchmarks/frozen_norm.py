@@ -22,7 +22,6 @@ import json
 import statistics
 import sys
 import types
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from step_speed import (
     _device_name,
     _sync,
     back_to_back,
+    equal_clips,
     natural_images,
     profile_step,
     sgd,
@@ -40,7 +40,6 @@ from step_speed import (
 )
 
 from ueo.bench.protocol import class_names
-from ueo.clip import calibrate_batchnorm, load_clip
 from ueo.model import UeoModel, frozen_weights_in
 from ueo.objectives import mcm_score
 from ueo.runtime import DTYPES, resolve_device
@@ -73,17 +72,8 @@ def affine_norms(model: UeoModel):
 def build(model_name: str, n_classes: int, device: torch.device, seed: int) -> list[UeoModel]:
     """Two equal models, built as `ueo adapt` builds one (channels_last), random weights with
     BatchNorm statistics calibrated on image-like inputs."""
-    clips = []
-    for _ in range(2):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            clips.append(load_clip(model_name, "none", device))
-    calibrate_batchnorm(
-        clips[0].model, natural_images(64, clips[0].image_size, seed + 2).to(device)
-    )
-    clips[1].model.load_state_dict(clips[0].model.state_dict())
     names = class_names(CLASS_LISTS[n_classes])
+    clips = equal_clips(model_name, device, seed, layouts=(True, True))
     return [UeoModel(c, names).to(device) for c in clips]
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ueo.bench.protocol import class_names
-from ueo.clip import calibrate_batchnorm, load_clip
+from ueo.clip import LoadedClip, calibrate_batchnorm, load_clip
 from ueo.methods import get_method
 from ueo.model import UeoModel, collect_params, configure_model, frozen_weights_in
 from ueo.objectives import LOGIT_SCALE, mcm_score, ueo_loss
@@ -73,6 +73,25 @@ def natural_images(n: int, size: int, seed: int) -> torch.Tensor:
     mean = torch.tensor([0.481, 0.458, 0.408]).view(1, 3, 1, 1)
     std = torch.tensor([0.269, 0.261, 0.276]).view(1, 3, 1, 1)
     return ((x / 1.3).clamp(0, 1) - mean) / std
+
+
+def equal_clips(
+    model_name: str, device: torch.device, seed: int, layouts: tuple[bool, ...]
+) -> list[LoadedClip]:
+    """One random-weights network loaded once per memory layout in `layouts` (channels_last
+    or not), BatchNorm statistics calibrated on image-like inputs, the same weights in each."""
+    clips = []
+    for channels_last in layouts:
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clips.append(load_clip(model_name, "none", device, channels_last=channels_last))
+    calibrate_batchnorm(
+        clips[0].model, natural_images(64, clips[0].image_size, seed + 2).to(device)
+    )
+    for clip in clips[1:]:
+        clip.model.load_state_dict(clips[0].model.state_dict())  # copy_ keeps each layout
+    return clips
 
 
 class StepMemory:
@@ -167,19 +186,9 @@ def run_case(
     compiled: bool = False,
     profile_dir: str | None = None,
 ) -> dict:
-    clips = []
-    for channels_last in (False, True):  # one network, in the two memory layouts
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            clips.append(load_clip(model_name, "none", device, channels_last=channels_last))
+    clips = equal_clips(model_name, device, seed, layouts=(False, True))
     names = class_names(CLASS_LISTS[n_classes])
     images = natural_images(batch, clips[0].image_size, seed + 1).to(device)
-    calibrate_batchnorm(
-        clips[0].model, natural_images(64, clips[0].image_size, seed + 2).to(device)
-    )
-    clips[1].model.load_state_dict(clips[0].model.state_dict())  # copy_ keeps each layout
-
     ref = UeoModel(clips[0], names, fast=False).to(device)
     ours = UeoModel(clips[1], names).to(device)
     opt_ref, opt_ours = sgd(ref, RECIPE), sgd(ours, RECIPE)

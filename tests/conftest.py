@@ -119,6 +119,24 @@ def image_folder(tmp_path):
     return root
 
 
+def run_curves_grid(folder, root, methods: str):
+    """`ueo bench --eval-every 1` on `folder` (an `image_folder`, 3 of its 5 classes known):
+    a tiny random-weights model, 2 epochs, CDA and ODA, `methods`; returns the output folder
+    `root/bench`. Learning curves at every epoch, for the tests of curves and of scores."""
+    from ueo.cli import main
+
+    classes = root / "all.txt"
+    classes.write_text("red square\ngreen_circle\nblue stripes\nyellow cross\nblack noise\n")
+    out = root / "bench"
+    args = ["bench", "--data", str(folder), "--all-classes", str(classes), "--known", "3"]
+    args += ["--model", "test-tiny-rn", "--pretrained", "none", "--epochs", "2"]
+    args += ["--eval-every", "1", "--methods", methods, "--scenarios", "CDA,ODA"]
+    args += ["--batch-size", "16", "--lr-prompt", "0.01", "--lr-norm", "0.01"]
+    args += ["--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    return out
+
+
 @pytest.fixture
 def classes_file(tmp_path):
     path = tmp_path / "classes.txt"

@@ -3,12 +3,11 @@
 import json
 
 import pytest
-from conftest import seeded_calibrated_clip
+from conftest import run_curves_grid, seeded_calibrated_clip
 
 import ueo.bench.sweep
 from ueo.bench.results import learning_curves
 from ueo.bench.sweep import Cell
-from ueo.cli import main
 from ueo.clip import load_clip
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -16,15 +15,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_bench_plots_learning_curves(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(ueo.bench.sweep, "load_clip", seeded_calibrated_clip(load_clip))
-    classes = tmp_path / "all.txt"
-    classes.write_text("red square\ngreen_circle\nblue stripes\nyellow cross\nblack noise\n")
-    out = tmp_path / "bench"
-    args = ["bench", "--data", str(image_folder), "--all-classes", str(classes), "--known", "3"]
-    args += ["--model", "test-tiny-rn", "--pretrained", "none", "--epochs", "2"]
-    args += ["--eval-every", "1", "--methods", "zeroshot,ueo", "--scenarios", "CDA,ODA"]
-    args += ["--batch-size", "16", "--lr-prompt", "0.01", "--lr-norm", "0.01"]
-    args += ["--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)]
-    assert main(args) == 0
+    out = run_curves_grid(image_folder, tmp_path, "zeroshot,ueo")
 
     for scenario in ("CDA", "ODA"):
         assert (out / "plots" / f"curves_{scenario}.png").read_bytes()[:8] == PNG

@@ -6,6 +6,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from conftest import run_curves_grid
 
 from ueo.errors import UeoError
 
@@ -153,17 +154,7 @@ def test_weighted_spearman_by_hand():
 def test_diagnostics_check_reads_a_grid_with_learning_curves(
     image_folder, tmp_path, capsys, calibrated_loads
 ):
-    from ueo.cli import main
-
-    classes = tmp_path / "all.txt"
-    classes.write_text("red square\ngreen_circle\nblue stripes\nyellow cross\nblack noise\n")
-    out = tmp_path / "bench"
-    args = ["bench", "--data", str(image_folder), "--classes", str(classes), "--known", "3"]
-    args += ["--model", "test-tiny-rn", "--pretrained", "none", "--epochs", "2"]
-    args += ["--eval-every", "1", "--methods", "zeroshot,ueo,entmin", "--scenarios", "CDA,ODA"]
-    args += ["--batch-size", "16", "--lr-prompt", "0.01", "--lr-norm", "0.01"]
-    args += ["--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)]
-    assert main(args) == 0
+    out = run_curves_grid(image_folder, tmp_path, "zeroshot,ueo,entmin")
     capsys.readouterr()
     result_file = tmp_path / "check.json"
     args = ["--out", str(out), "--analyse-only", "--json", str(result_file)]

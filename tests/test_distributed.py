@@ -64,8 +64,9 @@ def run_configs(folder: Path, out: Path, names: list[str]) -> None:
             (out / f"{name}.json").write_text(json.dumps(record))
 
 
-def worker(rank: int, size: int, port: int, folder: str, out: str, names, per_shard: bool):
-    """One process of a world of `size`, with the variables torchrun would set."""
+def as_torchrun_process(rank: int, size: int, port: int) -> None:
+    """The variables torchrun would set for process `rank` of `size` on this machine; one
+    thread, as the two processes share the test's CPUs."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -74,6 +75,11 @@ def worker(rank: int, size: int, port: int, folder: str, out: str, names, per_sh
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+
+
+def worker(rank: int, size: int, port: int, folder: str, out: str, names, per_shard: bool):
+    """One process of a world of `size`, with the variables torchrun would set."""
+    as_torchrun_process(rank, size, port)
     import ueo.adaptation
     import ueo.distributed
 
@@ -248,14 +254,7 @@ def _rank_of(pid: int) -> str | None:
 
 
 def infer_worker(rank: int, size: int, port: int, folder: str, out: str):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    as_torchrun_process(rank, size, port)
     import numpy as np
 
     import ueo.distributed
