@@ -163,3 +163,20 @@ def test_a_sweep_decodes_each_image_once(image_folder, tmp_path, decodes):
     run_sweep(suite, sweep, tmp_path / "out")
     assert sorted(decodes) == sorted(suite.domains[0].test.paths)
     assert set(decodes.values()) == {1}
+
+
+def test_only_registered_images_are_stored_and_each_kind_apart(photos):
+    """Rows come from `register` (before a loader forks): an image of no registered set is
+    decoded but not kept; its decoded image and its test pixels are two entries."""
+    transform = clip.test_transform(32)
+    split = split_transform(transform)
+    cache = ImageCache()
+    cache.register(photos[:2], split)
+    cache.register(photos[:1], split)  # registered twice: the same rows
+    for path in photos:
+        cache.pixels(path, split)
+    assert len(cache) == 4 and cache.decodes == 3
+    for path in photos:
+        cache.pixels(path, split)
+    assert cache.decodes == 4  # the unregistered one again
+    assert torch.equal(cache.pixels(photos[1], split), split.pixels(ueo.images.open_rgb(photos[1])))

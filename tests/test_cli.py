@@ -104,7 +104,7 @@ def test_adapt_eval_predict_round_trip(tmp_path, image_folder, classes_file, cal
     assert record["data"] == str(image_folder) and record["test_data"] is None
     assert record["wall_time_s"] > 0 and record["skipped_images"] == 0
     phases = record["timings_s"]  # where the wall time went
-    assert set(phases) == {"startup", "zeroshot", "training", "evaluation", "other"}
+    assert set(phases) == {"listing", "model", "zeroshot", "training", "evaluation", "other"}
     assert phases["training"] > 0 and all(v >= 0 for v in phases.values())
     assert [h["epoch"] for h in record["history"]] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in record["history"])

@@ -53,6 +53,7 @@ def files(tmp_path_factory):
     (tmp / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp / "afile").write_text("x")
     (data / "list.txt").write_text("red_square/000.png 0\nblack_noise/000.png 4\n")
+    (data / "plain.txt").write_text("red_square/000.png\nblack_noise/000.png\n")
     (tmp / "badlist.txt").write_text("red_square/000.png x\n")
     (tmp / "missing.txt").write_text("nowhere.png 0\n")
     (tmp / "pickle.bin").write_bytes(b"\x80\x04\x95" + bytes(range(256)))
@@ -133,11 +134,14 @@ def dir_outs(f):
     ]
 
 
-def data_values(f):
+def data_values(f, labelled: bool = False):
+    """Values of --data; `labelled`: for an evaluation, where unlabeled images are refused."""
+    unlabeled = "data" if labelled else "ok"
     return [
         (f / "images", "ok"),
-        (f / "images" / "red_square" / "000.png", "ok"),
+        (f / "images" / "red_square" / "000.png", unlabeled),
         (f / "images" / "list.txt", "ok"),
+        (f / "images" / "plain.txt", unlabeled),
         (f / "nowhere", "data"),
         (f / "empty", "data"),
         (f / "badlist.txt", "data"),
@@ -213,7 +217,8 @@ def draw_adapt(rng: random.Random, f) -> Case:
         case.mark("bad")  # the default, openai, is no tag of the tiny models
     case.required("--data", data_values(f))
     case.required("--classes", class_values(f))
-    case.give("--test-data", data_values(f), 0.2)
+    case.give("--test-data", data_values(f, labelled=True), 0.2)
+    case.give("--unlabeled", [(None, "ok")], 0.2)
     case.required("--out", dir_outs(f))
     recipe_case(case, with_grid=False)
     case.optional(runtime_options(training=True))
@@ -241,7 +246,8 @@ def draw_eval(rng: random.Random, f) -> Case:
     if mode == "adapter+model":
         case.argv.append("--model=ueo-tiny-rn")
         case.mark("bad")
-    case.required("--data", data_values(f))
+    case.required("--data", data_values(f, labelled=True))
+    case.give("--unlabeled", [(None, "bad")], 0.05)
     case.give("--out", dir_outs(f), 0.4)
     case.optional(runtime_options(training=False))
     return case
@@ -251,6 +257,7 @@ def draw_predict(rng: random.Random, f) -> Case:
     case = Case(rng, "predict")
     case.required("--adapter", [(f / "run", "ok"), (f / "afile", "bad"), (f / "nope", "bad")])
     case.required("--images", data_values(f))
+    case.give("--unlabeled", [(None, "ok")], 0.2)
     case.required(
         "--out",
         [

@@ -208,6 +208,7 @@ def test_a_spawned_worker_gets_a_private_store(tmp_path):
     path = tmp_path / "a.png"
     Image.new("RGB", (7, 5), (1, 2, 3)).save(path)
     shared = ImageCache(budget=PRIVATE_BUDGET + 1)
+    shared.register([str(path)])  # as the dataset does before its loader starts a worker
     shared.image(str(path))
     private = pickle.loads(pickle.dumps(shared))
     assert private.budget == PRIVATE_BUDGET and len(private) == 0 and private.decodes == 0

@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +48,7 @@ from ueo.metrics import otsu_threshold
 from ueo.model import UeoModel, frozen_weights_in, tuning
 from ueo.recipe import Recipe, Runtime
 from ueo.runtime import DTYPES, autocast, resolve_device, seed_everything
+from ueo.timing import Clock
 from ueo.training import FINITE, StepGuard, training_step
 
 log = logging.getLogger("ueo")
@@ -116,7 +116,7 @@ def adapt(
             ck.saved = load_checkpoint(ck.path)
             check_identity(ck.path, ck.saved[1].get("identity", {}), ck.identity)
         _same_checkpoint(ck)
-    clock = _Clock()
+    clock = Clock()
     seed_everything(recipe.seed)
     device = resolve_device(runtime.device)
     model.to(device)
@@ -237,38 +237,6 @@ def _check_prompt(model: UeoModel, recipe: Recipe) -> None:
             f"the recipe's (ctx_init {recipe.ctx_init!r}, n_ctx {recipe.n_ctx}); build the model "
             "with the recipe: load_model(..., recipe=recipe)."
         )
-
-
-class _Clock:
-    """Where a run's wall time goes: seconds per phase (`with clock("training"): ...`); a
-    phase inside another counts for itself only."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-        self.open: list[str] = []
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        self.open.append(phase)
-        try:
-            yield
-        finally:
-            self.open.pop()
-            elapsed = time.perf_counter() - t0
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
-            if self.open:
-                self.seconds[self.open[-1]] = self.seconds.get(self.open[-1], 0.0) - elapsed
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-    def phases(self) -> dict[str, float]:
-        """Seconds per phase, and `other` for the rest of the run (seeding, fixed values...)."""
-        out = {k: round(v, 3) for k, v in self.seconds.items()}
-        out["other"] = round(self.total() - sum(self.seconds.values()), 3)
-        return out
 
 
 @dataclass

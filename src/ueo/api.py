@@ -18,6 +18,7 @@ from ueo.inference import infer, metrics_of
 from ueo.io import load_adapter
 from ueo.model import UeoModel
 from ueo.objectives import LOGIT_SCALE
+from ueo.predictions import Predictions
 from ueo.recipe import Recipe, Runtime
 from ueo.runs import save_run
 from ueo.runtime import resolve_device
@@ -27,6 +28,7 @@ __all__ = [
     "AdaptResult",
     "DiscoverSettings",
     "Discovery",
+    "Predictions",
     "Recipe",
     "Runtime",
     "Vocabulary",
@@ -109,11 +111,12 @@ def predict(
     runtime: Runtime | None = None,
     *,
     precision: str = "fp32",
-) -> list[dict]:
+) -> Predictions:
     """One row per readable image: predicted known class, its probability, MCM, unknown flag.
 
     The class probability is the softmax of 100 * cos (the scale used in training); the MCM
-    score is the softmax of the raw cosines (T = 1), compared with `threshold`.
+    score is the softmax of the raw cosines (T = 1), compared with `threshold`. The rows are
+    held as columns (`ueo.predictions.Predictions`); each reads as a dict.
     """
     runtime = (runtime or Runtime()).validate()
     model.to(resolve_device(runtime.device))
@@ -123,22 +126,17 @@ def predict(
     logits = LOGIT_SCALE * out.cos
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
-    rows = []
-    for i, path in enumerate(images.paths):
-        if not out.valid[i]:
-            continue
-        k = int(out.pred[i])
-        score = float(out.score[i])
-        rows.append(
-            {
-                "path": path,
-                "pred": model.class_names[k],
-                "prob": float(probs[i, k]),
-                "mcm": score,
-                "is_unknown": bool(score < threshold),
-            }
-        )
-    return rows
+    rows = np.flatnonzero(out.valid)
+    pred = out.pred[rows]
+    return Predictions(
+        images.paths,
+        rows,
+        model.class_names,
+        pred,
+        probs[rows, pred],
+        out.score[rows],
+        float(threshold),
+    )
 
 
 def _require_readable(out, images: ImageSet) -> None:

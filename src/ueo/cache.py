@@ -26,11 +26,12 @@ worker had before the store was shared (`__setstate__`).
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import multiprocessing
 import os
 import warnings
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,7 @@ from torchvision import transforms as T
 
 from ueo import images
 from ueo.launch import share
+from ueo.pathkeys import KEY, lookup, path_key, path_keys
 
 MAX_BUDGET = 16 << 30  # bytes: the shared store's default cap
 PRIVATE_BUDGET = 2 << 30  # bytes: the cap of a spawned worker's private store
@@ -56,7 +58,6 @@ PIL_OPS = (
 EMPTY, WRITING, READY = 0, 1, 2
 STATE, OFFSET, NBYTES, SHAPE = 0, 1, 2, slice(3, 6)
 ROW = 6
-TABLE_ROWS = 4096  # rows added at a time
 USED, DECODES, STORED = 0, 1, 2  # the shared counters
 
 
@@ -181,26 +182,34 @@ class ImageCache:
     Each stored array has a row in a shared table (its state, offset and shape); the rows are
     assigned by the process that made the store (`register`, called by `ImageDataset` when a
     loader is built), so a worker forked afterwards knows where every image of its set goes.
-    A lock orders the claims and the ready flags; an array is written once and never moves.
+    A row is found by its path's key (ueo.pathkeys) in sorted arrays, so a million images cost a few
+    arrays of numbers, not a million dict entries. A lock orders the claims and the ready
+    flags; an array is written once and never moves.
     """
 
     def __init__(self, budget: int | None = None):
         self.budget = default_budget() if budget is None else int(budget)
-        self._owner = os.getpid()
         self._lock = multiprocessing.Lock()
         self._counters = np.frombuffer(_shared(3 * 8), np.int64)
         self._arena = _shared(self.budget) if self.budget > 0 else None
-        self._rows: dict[Hashable, tuple[np.ndarray, int]] = {}
-        self._table = np.zeros((0, ROW), np.int64)
-        self._free = 0  # rows of `_table` not yet assigned
+        # Per kind of array (None: decoded images; a Split's key: its pixels), the sorted
+        # keys of the registered paths and their rows: numbers, no Python object per image.
+        self._index: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
+        self._tables: list[np.ndarray] = []  # shared row tables, one per registration
+        self._starts: list[int] = []  # the first row of each table
+        self._rows = 0  # rows assigned
 
     def __getstate__(self) -> dict:
-        """A worker started by pickling ('spawn', 'forkserver') cannot map this memory."""
-        return {"budget": self.budget}
+        """A worker started by pickling ('spawn', 'forkserver') cannot map this memory..."""
+        return {"budget": self.budget, "index": self._index, "rows": self._rows}
 
     def __setstate__(self, state: dict) -> None:
-        """...so it gets a private store of its own, capped as a worker's store was before."""
+        """...so it gets a private store of its own, capped as a worker's store was before,
+        with rows for the images registered so far."""
         self.__init__(min(state["budget"], PRIVATE_BUDGET))
+        if self._arena is not None and state["rows"]:
+            self._index = state["index"]
+            self._claim(state["rows"])
 
     def __len__(self) -> int:
         return int(self._counters[STORED])
@@ -218,28 +227,46 @@ class ImageCache:
         are deterministic), so that loader workers forked from now on can store them."""
         if self._arena is None:
             return
-        keys = list(paths)
+        keys = path_keys(paths)
+        self._add(None, keys)
         if split is not None and split.deterministic:
-            keys += [(path, split.key) for path in keys]
-        for key in keys:
-            self._row(key)
+            self._add(split.key, keys)
 
-    def _row(self, key: Hashable) -> tuple[np.ndarray, int] | None:
-        """The table row of `key`; assigned here only in the process that made the store (a
-        worker's rows were assigned before it was forked)."""
-        row = self._rows.get(key)
-        if row is None and self._arena is not None and os.getpid() == self._owner:
-            if not self._free:
-                self._table = np.frombuffer(_shared(TABLE_ROWS * ROW * 8), np.int64)
-                self._table = self._table.reshape(TABLE_ROWS, ROW)
-                self._free = TABLE_ROWS
-            row = self._rows[key] = (self._table, TABLE_ROWS - self._free)
-            self._free -= 1
-        return row
+    def _add(self, kind: str | None, paths: np.ndarray) -> None:
+        """Rows in `kind`'s index for the path keys it does not hold yet."""
+        keys, rows = self._index.get(kind, (np.zeros(0, KEY), np.zeros(0, np.int64)))
+        new = np.unique(paths)
+        new = new[lookup(keys, new) < 0]
+        if not len(new):
+            return
+        first = self._claim(len(new))
+        keys = np.concatenate([keys, new])
+        rows = np.concatenate([rows, np.arange(first, first + len(new))])
+        order = np.argsort(keys, kind="stable")
+        self._index[kind] = keys[order], rows[order]
 
-    def _get(self, key: Hashable) -> np.ndarray | None:
-        """The stored array of `key` (read-only, shared), or None if it is not stored."""
-        row = self._rows.get(key)
+    def _claim(self, n: int) -> int:
+        """`n` new rows, in a shared table of their own; the first row's number."""
+        self._tables.append(np.frombuffer(_shared(n * ROW * 8), np.int64).reshape(n, ROW))
+        self._starts.append(self._rows)
+        self._rows += n
+        return self._starts[-1]
+
+    def _row(self, kind: str | None, path: str) -> tuple[np.ndarray, int] | None:
+        """The table and row of `path`'s array of `kind`, if it was registered."""
+        keys, rows = self._index.get(kind, (None, None))
+        if keys is None:
+            return None
+        found = int(lookup(keys, np.array([path_key(path)], dtype=KEY))[0])
+        if found < 0:
+            return None
+        row = int(rows[found])
+        t = bisect.bisect_right(self._starts, row) - 1
+        return self._tables[t], row - self._starts[t]
+
+    def _get(self, kind: str | None, path: str) -> np.ndarray | None:
+        """The stored array of `kind` for `path` (read-only, shared), or None if not stored."""
+        row = self._row(kind, path)
         if row is None:
             return None
         table, i = row
@@ -251,9 +278,9 @@ class ImageCache:
         stored.flags.writeable = False
         return stored
 
-    def _put(self, key: Hashable, array: np.ndarray) -> None:
-        """Store `array` (uint8, 3-D) under `key` if it has a row and fits in the budget."""
-        row = self._row(key)
+    def _put(self, kind: str | None, path: str, array: np.ndarray) -> None:
+        """Store `array` (uint8, 3-D) as `path`'s of `kind` if it has a row and fits."""
+        row = self._row(kind, path)
         if row is None:
             return
         table, i = row
@@ -272,7 +299,7 @@ class ImageCache:
 
     def image(self, path: str) -> Image.Image:
         """The decoded RGB image (`ueo.images.open_rgb`), decoded once for every process."""
-        stored = self._get(path)
+        stored = self._get(None, path)
         if stored is not None:
             return Image.fromarray(stored)  # RGB is copied: the store is never written through
         with warnings.catch_warnings():
@@ -281,16 +308,16 @@ class ImageCache:
         with self._lock:
             self._counters[DECODES] += 1
         if img.mode == "RGB":
-            self._put(path, np.asarray(img))
+            self._put(None, path, np.asarray(img))
         return img
 
     def pixels(self, path: str, split: Split) -> torch.Tensor:
         """`split.pixels(open_rgb(path))`, kept when the split's ops are deterministic."""
         if not split.deterministic:
             return split.pixels(self.image(path))
-        stored = self._get((path, split.key))
+        stored = self._get(split.key, path)
         if stored is not None:
             return torch.from_numpy(stored.copy())
         pixels = split.pixels(self.image(path)).contiguous()
-        self._put((path, split.key), pixels.numpy())
+        self._put(split.key, path, pixels.numpy())
         return pixels

@@ -12,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 from ueo.errors import UeoError
+from ueo.launch import launch_from_env
+
+STDIN = "-"  # `--data -`: the image list comes from standard input
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
@@ -59,6 +62,18 @@ def check_input_path(path: str | os.PathLike, what: str = "Data path") -> Path:
     if not found:
         raise UeoError(f"{what} {path} does not exist.")
     return path
+
+
+def check_data(data: str | os.PathLike, what: str = "Data path") -> None:
+    """`--data`: a path that exists, or `-`, standard input, which only a process alone can
+    read (torchrun's processes would each take a part of it)."""
+    if str(data) != STDIN:
+        check_input_path(data, what)
+    elif launch_from_env().size > 1:
+        raise UeoError(
+            "--data - reads the image list from standard input, which torchrun's processes "
+            "cannot share: write the list to a file and give its name."
+        )
 
 
 def check_threshold(threshold: float | None) -> None:

@@ -21,7 +21,13 @@ from pathlib import Path
 from ueo import __version__
 from ueo.bench.grid import bench_recipe, check_grid, check_known, check_source, parse_shard
 from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, SCENARIOS, dataset_info
-from ueo.checks import check_input_path, check_output_dir, check_output_file, check_threshold
+from ueo.checks import (
+    check_data,
+    check_input_path,
+    check_output_dir,
+    check_output_file,
+    check_threshold,
+)
 from ueo.demo import BUNDLED_MODELS
 from ueo.errors import UeoError
 from ueo.launch import check_launch_device, launch_from_env
@@ -157,18 +163,30 @@ def _add_model_args(
     )
 
 
+DATA_HELP = (
+    "image folder (root/<class>/<img>), image list (one 'path label' or one path per line), "
+    "- (the list on standard input), a folder of loose images or one image file"
+)
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    """`--data`, the image set of every command; `--images` is predict's former name."""
+    """`--data`, the image set of every command (`--images`: predict's former name for it),
+    where an image list's paths are rooted, and `--unlabeled`."""
     p.add_argument(
         "--data",
         "--images",
         required=True,
         dest="data",
         metavar="DATA",
-        help="image folder (root/<class>/<img>), image-list file, folder of loose images "
-        "or one image file (--images: the same option, its former name in predict)",
+        help=f"{DATA_HELP} (--images: the same option, its former name in predict)",
     )
     p.add_argument("--data-root", default=None, help="root for relative paths of an image list")
+    p.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="read --data without labels: every image under the folder, at any depth, in sorted "
+        "order, whatever its subfolders are called (a list's labels are dropped)",
+    )
 
 
 def _add_dataset_arg(p: argparse.ArgumentParser) -> None:
@@ -348,14 +366,7 @@ def _add_discover_command(sub) -> None:
     )
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or its run directory)")
     p.add_argument("--pretrained", default=None, help="override the base weights in the adapter")
-    p.add_argument(
-        "--data",
-        "--images",
-        dest="data",
-        required=True,
-        help="image folder, image-list file, folder of loose images or one image file",
-    )
-    p.add_argument("--data-root", default=None, help="root for relative paths of an image list")
+    _add_data_args(p)
     p.add_argument(
         "--vocabulary",
         default=None,
@@ -446,13 +457,18 @@ def check_adapt(args) -> None:
     if args.resume and args.overwrite:
         raise UeoError("Give --resume or --overwrite, not both.")
     check_output_dir(args.out)
-    check_input_path(args.data)
+    check_data(args.data)
     if args.test_data:
         check_input_path(args.test_data)
     parse_classes(args.classes)
 
 
 def check_eval(args) -> None:
+    if args.unlabeled:
+        raise UeoError(
+            "ueo eval measures the predictions against the images' labels; --unlabeled reads "
+            "the images without them."
+        )
     if bool(args.adapter) == bool(args.zeroshot):
         raise UeoError("Give either --adapter or --zeroshot (with --model and --classes).")
     if args.adapter and (args.model or args.classes):
@@ -466,7 +482,7 @@ def check_eval(args) -> None:
         check_output_dir(args.out)
     if args.adapter:
         check_input_path(args.adapter, "Adapter file")
-    check_input_path(args.data)
+    check_data(args.data)
     if args.classes:
         parse_classes(args.classes)
 
@@ -476,7 +492,7 @@ def check_predict(args) -> None:
     check_threshold(args.threshold)
     check_output_file(args.out)
     check_input_path(args.adapter, "Adapter file")
-    check_input_path(args.data)
+    check_data(args.data)
 
 
 def discover_settings(args) -> DiscoverSettings:
@@ -489,7 +505,7 @@ def check_discover(args) -> None:
     check_threshold(args.threshold)
     check_output_dir(args.out)
     check_input_path(args.adapter, "Adapter file")
-    check_input_path(args.data)
+    check_data(args.data)
     if args.vocabulary:
         check_input_path(args.vocabulary, "Vocabulary file")
 
@@ -604,6 +620,7 @@ def cmd_adapt(args) -> int:
         runtime=runtime,
         test_data=args.test_data,
         data_root=args.data_root,
+        unlabeled=args.unlabeled,
         resume=args.resume,
         overwrite=args.overwrite,
     )
@@ -647,6 +664,7 @@ def cmd_predict(args) -> int:
         threshold=args.threshold,
         runtime=runtime,
         data_root=args.data_root,
+        unlabeled=args.unlabeled,
     )
     if not _main_process():
         return 0
@@ -808,6 +826,7 @@ def cmd_discover(args) -> int:
         settings=settings,
         runtime=runtime,
         data_root=args.data_root,
+        unlabeled=args.unlabeled,
     )
     print(discovery_table(found))
     print(f"\nwrote {args.out}/clusters.csv, clusters.md, discover.json and sheets/*.png")

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from ueo.cache import ImageCache, split_transform
+from ueo.checks import STDIN, check_data
 from ueo.errors import UeoError
 from ueo.images import open_rgb as open_rgb  # re-exported: the reading rules live in ueo.images
-from ueo.names import OOD, UNLABELED, normalize_name, read_lines
+from ueo.names import OOD, UNLABELED, normalize_name, read_lines, read_stream
 from ueo.names import parse_classes as parse_classes  # re-exported: it lives in ueo.names
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,10 @@ class ImageSet:
     def labelled(self) -> bool:
         return bool(len(self)) and bool((self.labels != UNLABELED).all())
 
+    def without_labels(self) -> ImageSet:
+        """The same images, every label UNLABELED (`--unlabeled`)."""
+        return ImageSet(self.paths, np.full(len(self), UNLABELED), self.source)
+
     def subset(self, keep: np.ndarray) -> ImageSet:
         keep = np.asarray(keep)
         idx = np.flatnonzero(keep) if keep.dtype == bool else keep
@@ -68,18 +75,34 @@ def load_image_set(
     class_names: list[str],
     data_root: str | os.PathLike | None = None,
     check_exists: bool = True,
+    *,
+    unlabeled: bool = False,
+    progress: bool = False,
+    stdin: TextIO | None = None,
 ) -> ImageSet:
-    """Read a class-folder tree, a folder of loose images, an image-list file or one image.
+    """Read a class-folder tree, a folder of loose images, an image list or one image.
 
     A folder is a class-folder tree (`root/<class>/.../<image>`) when a subfolder holds images;
     images at its top are then left out, with a warning. Otherwise its top-level images form
     an unlabeled set. A file is one unlabeled image when its extension says so or PIL
-    recognises it, else an image list (`_read_list`).
+    recognises it, else an image list (`read_image_list`); `data` "-" is a list read from
+    `stdin` (default: standard input), its relative paths under `data_root` or the working
+    folder.
+
+    `unlabeled` reads the data without labels: a folder is every image under it, at any depth,
+    in sorted order, whatever its subfolders are called; a list's labels are dropped.
+    `progress` shows a counter while a large folder is listed.
 
     Symbolic links: a link (to a file or a folder) whose target lies inside the tree, or holds
     it, is not followed (the tree is read where it is, once); a folder link leading out of the
     tree is followed, at most once per target, so loops end; broken links are ignored.
     """
+    if str(data) == STDIN:
+        check_data(data)
+        lines = read_stream(stdin or sys.stdin, "Standard input")
+        root = Path(data_root) if data_root else Path()
+        images = read_image_list(lines, "standard input", len(class_names), root, check_exists)
+        return images.without_labels() if unlabeled else images
     path = Path(data)
     try:
         is_file = path.is_file()
@@ -88,27 +111,30 @@ def load_image_set(
     if is_file:
         if _is_image_file(path):
             return ImageSet([str(path)], np.array([UNLABELED]), str(path))
-        return _read_list(
-            path, len(class_names), Path(data_root) if data_root else path.parent, check_exists
-        )
+        root = Path(data_root) if data_root else path.parent
+        lines = read_lines(path, "Image list")
+        images = read_image_list(lines, str(path), len(class_names), root, check_exists)
+        return images.without_labels() if unlabeled else images
     if not path.exists():
         raise UeoError(f"Data path {path} does not exist.")
     if not path.is_dir():
         raise UeoError(f"Data path {path} is not a file or a folder.")
-    root = os.path.realpath(path)
-    visited, links = {root}, []
-    strays, folders = [], []
-    try:
-        entries = _entries(path, root, links)
-    except OSError as exc:
-        raise UeoError(f"Cannot read folder {path}: {exc.strerror}.") from None
-    for entry in entries:
-        (folders if entry.is_dir() else strays).append(Path(entry.path))
-    found = [(folder, _scan(folder, root, visited, links)) for folder in folders]
-    if links:
-        log.warning(
-            "Not following %d link(s) that lead back into %s, e.g. %s", len(links), path, links[0]
-        )
+    with _Walk(path, progress) as walk:
+        try:
+            entries = walk.entries(path)
+        except OSError as exc:
+            raise UeoError(f"Cannot read folder {path}: {exc.strerror}.") from None
+        if unlabeled:
+            paths = walk.below(entries)
+            if not paths:
+                raise UeoError(
+                    f"No images found under {path} (extensions {', '.join(IMAGE_EXTENSIONS)})."
+                )
+            return ImageSet(paths, np.full(len(paths), UNLABELED), str(path))
+        strays, folders = [], []
+        for entry in entries:
+            (folders if entry.is_dir() else strays).append(Path(entry.path))
+        found = [(folder, walk.images(folder)) for folder in folders]
     if not any(files for _, files in found):
         if not strays:
             raise UeoError(
@@ -127,9 +153,9 @@ def load_image_set(
     index = {normalize_name(n): i for i, n in enumerate(class_names)}
     paths, labels = [], []
     for folder, files in found:
-        paths += [str(f) for f in files]
-        labels += [index.get(normalize_name(folder.name), OOD)] * len(files)
-    return ImageSet(paths, np.array(labels), str(path))
+        paths += files
+        labels.append(np.full(len(files), index.get(normalize_name(folder.name), OOD)))
+    return ImageSet(paths, np.concatenate(labels), str(path))
 
 
 def _is_image_file(path: Path) -> bool:
@@ -147,67 +173,152 @@ def _is_image_file(path: Path) -> bool:
     return True
 
 
-def _entries(folder: Path, root: str, links: list[str]) -> list[os.DirEntry]:
-    """Sorted visible subfolders and image files of a folder, links into the tree set aside."""
-    kept = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_symlink():
-            target = os.path.realpath(entry.path)
-            if os.path.commonpath([target, root]) in (target, root):  # inside, or holds, root
-                links.append(entry.path)
+class _Walk:
+    """The image files of one tree, each folder read once (links: see `load_image_set`),
+    with a counter of the images found once listing takes a while."""
+
+    def __init__(self, top: Path, progress: bool):
+        self.top = top
+        self.root = os.path.realpath(top)
+        self.visited: set[str] = set()
+        self.links: list[str] = []
+        self.bar = tqdm(desc=f"listing {top}", unit=" images", delay=2, disable=not progress)
+
+    def __enter__(self) -> _Walk:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.links:
+            log.warning(
+                "Not following %d link(s) that lead back into %s, e.g. %s",
+                len(self.links),
+                self.top,
+                self.links[0],
+            )
+
+    def entries(self, folder: str | Path) -> list[os.DirEntry]:
+        """Sorted visible subfolders and image files of a folder, links into the tree set
+        aside."""
+        kept = []
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith("."):
                 continue
-        if entry.is_dir() or (entry.is_file() and is_image(Path(entry.path))):
-            kept.append(entry)
-    return kept
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if os.path.commonpath([target, self.root]) in (target, self.root):
+                    self.links.append(entry.path)  # inside, or holds, the tree
+                    continue
+            if entry.is_dir() or (entry.is_file() and is_image(Path(entry.path))):
+                kept.append(entry)
+        return kept
 
+    def images(self, folder: Path) -> list[str]:
+        """The image files under `folder` (none if it was read before)."""
+        return self.below(self._unread(folder) or [])
 
-def _scan(top: Path, root: str, visited: set[str], links: list[str]) -> list[Path]:
-    """Image files under `top`, sorted; folders already visited (by real path) are skipped."""
-    found, stack = [], [top]
-    while stack:
-        folder = stack.pop()
+    def below(self, entries: list[os.DirEntry]) -> list[str]:
+        """The image files among `entries` and under their folders, depth first through
+        sorted entries: in the order of their paths' parts."""
+        found: list[str] = []
+        stack = [iter(entries)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+            elif not entry.is_dir():
+                found.append(entry.path)
+                self.bar.update()
+            elif (inner := self._unread(entry.path)) is not None:
+                stack.append(iter(inner))
+        return found
+
+    def _unread(self, folder: str | Path) -> list[os.DirEntry] | None:
+        """The entries of a folder not read before (by its real path); None when it was, or
+        when it cannot be read (with a warning)."""
         real = os.path.realpath(folder)
-        if real in visited:
-            continue
-        visited.add(real)
+        if real in self.visited:
+            return None
+        self.visited.add(real)
         try:
-            entries = _entries(folder, root, links)
+            return self.entries(folder)
         except OSError as exc:
             log.warning("Skipping unreadable folder %s: %s", folder, exc.strerror)
-            continue
-        for entry in entries:
-            (stack if entry.is_dir() else found).append(Path(entry.path))
-    return sorted(found)
+            return None
 
 
-def _read_list(path: Path, n_known: int, root: Path, check_exists: bool) -> ImageSet:
-    """`relative/path label` per line, label a whole number (ASCII digits); labels >= number
-    of known classes are OOD. Blank lines and lines starting with # are skipped."""
+def read_image_list(
+    lines: list[str], where: str, n_known: int, root: Path, check_exists: bool = True
+) -> ImageSet:
+    """An image list: `relative/path label` per line (a labelled list), or one path per line
+    (an unlabeled list, `find photos -name '*.jpg'`), never the two mixed.
+
+    A label is a whole number in ASCII digits; labels >= `n_known` are OOD. Blank lines and
+    lines starting with # are skipped; relative paths are taken under `root`. A labelled list
+    names images that must exist (a benchmark's list must be whole); from an unlabeled one,
+    paths that do not exist are left out with one warning.
+    """
     paths, labels = [], []
-    for number, line in enumerate(read_lines(path, "Image list"), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    first = None  # (line number, labelled) of the first entry
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
             continue
         parts = line.rstrip().rsplit(maxsplit=1)
-        if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[1]):
-            raise UeoError(
-                f"{path}:{number}: expected 'relative/path label' with a label 0, 1, 2..., "
-                f"got {line!r}."
-            )
-        label = int(parts[1])
-        paths.append(str(root / parts[0]))
-        labels.append(label if label < n_known else OOD)
+        labelled = len(parts) == 2 and parts[1].isascii() and parts[1].isdigit()
+        if first is None:
+            first = number, labelled
+        elif labelled != first[1]:
+            raise UeoError(_mixed_list(where, number, line, labelled, first[0]))
+        if labelled:
+            label = int(parts[1])
+            paths.append(str(root / parts[0]))
+            labels.append(label if label < n_known else OOD)
+        else:
+            paths.append(str(root / text))
     if not paths:
-        raise UeoError(f"Image list {path} has no entries.")
+        raise UeoError(f"Image list {where} has no entries.")
+    labelled = first[1]
     if check_exists:
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
+        missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
+        if missing and labelled:
             raise UeoError(
-                f"{len(missing)} image(s) listed in {path} do not exist under {root} "
-                f"(set --data-root), e.g. {missing[0]}"
+                f"{len(missing)} image(s) listed in {where} do not exist under {root} "
+                f"(set --data-root), e.g. {paths[missing[0]]}"
             )
-    return ImageSet(paths, np.array(labels), str(path))
+        if len(missing) == len(paths):
+            raise UeoError(
+                f"None of the {len(paths)} image(s) listed in {where} exists (relative paths "
+                f"are taken under {root or '.'}; set --data-root), e.g. {paths[0]}"
+            )
+        if missing:
+            log.warning(
+                "Leaving out %d of the %d image(s) listed in %s that do not exist, e.g. %s",
+                len(missing),
+                len(paths),
+                where,
+                paths[missing[0]],
+            )
+            keep = np.ones(len(paths), dtype=bool)
+            keep[missing] = False
+            paths = list(compress(paths, keep))
+    if not labelled:
+        return ImageSet(paths, np.full(len(paths), UNLABELED), where)
+    return ImageSet(paths, np.array(labels), where)
+
+
+def _mixed_list(where: str, number: int, line: str, labelled: bool, first: int) -> str:
+    """The error of a list whose line `number` is not of the kind its first entry set."""
+    if labelled:
+        return (
+            f"{where}:{number}: {line.strip()!r} ends in a label, but line {first} has none: "
+            "an image list is all 'path label' lines or all plain paths."
+        )
+    return (
+        f"{where}:{number}: expected 'relative/path label' with a label 0, 1, 2... as on line "
+        f"{first}, got {line.strip()!r} (an image list is all 'path label' lines or all "
+        "plain paths)."
+    )
 
 
 # How an augmented run draws its crops and flips. Runs name it in their identity
@@ -277,7 +388,7 @@ class EpochOrder(Sampler):
         if self.epoch is None:
             raise RuntimeError("EpochOrder.set_epoch(epoch) must be called before each pass.")
         epoch, self.epoch = self.epoch, None
-        order = torch.randperm(self.n, generator=self.generator).tolist()
+        order = torch.randperm(self.n, generator=self.generator)
         # torch's RandomSampler draws a second (empty-sliced) permutation per pass; drawing it
         # too keeps the order of a plain seeded loader from the second epoch on.
         torch.randperm(self.n, generator=self.generator)
@@ -285,7 +396,7 @@ class EpochOrder(Sampler):
         for b in range(start, self.n, self.batch_size):
             batch = order[b : b + self.batch_size]
             lo, hi = _part(len(batch), self.rank, self.world)
-            yield [(epoch, i) for i in batch[lo:hi]]
+            yield [(epoch, i) for i in batch[lo:hi].tolist()]
 
 
 def _part(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from ueo import images as image_files
@@ -46,10 +47,10 @@ def clusters_csv(found: Discovery) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_FIELDS)
-    order = sorted(range(len(found.paths)), key=lambda i: (found.cluster[i], found.distance[i]))
-    for i in order:
-        c = int(found.cluster[i])
-        writer.writerow([found.paths[i], c, names[c], f"{found.distance[i]:.6f}"])
+    order = np.lexsort((found.distance, found.cluster))  # by cluster, then distance
+    rows = zip(order.tolist(), found.cluster[order].tolist(), found.distance[order], strict=True)
+    for i, c, d in rows:
+        writer.writerow([found.paths[i], c, names[c], f"{d:.6f}"])
     return buf.getvalue()
 
 
@@ -152,8 +153,8 @@ def clusters_markdown(found: Discovery, record: dict) -> str:
 
 def write_sheet(path: Path, found: Discovery, cluster: int) -> Path:
     """A grid of the cluster's images nearest its centroid, under a title line."""
-    members = [i for i in range(len(found.paths)) if found.cluster[i] == cluster]
-    members = sorted(members, key=lambda i: found.distance[i])[:SHEET_IMAGES]
+    members = np.flatnonzero(found.cluster == cluster)
+    members = members[np.argsort(found.distance[members], kind="stable")][:SHEET_IMAGES].tolist()
     info = next(c for c in found.clusters if c.id == cluster)
     rows = -(-len(members) // SHEET_COLUMNS)
     title = 16

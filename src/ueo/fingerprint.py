@@ -19,6 +19,7 @@ from ueo.data import AUGMENTATION_DRAWS, ImageSet
 from ueo.recipe import Recipe
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
+DIGEST_CHUNK = 65536  # image paths hashed per update
 
 # How each component is named to the user.
 COMPONENT_NAMES = {
@@ -74,8 +75,11 @@ def images_digest(images: ImageSet | None) -> str | None:
     if images is None:
         return None
     digest = hashlib.sha256()
-    for path, label in zip(images.paths, images.labels.tolist(), strict=True):
-        digest.update(f"{os.path.abspath(path)}\t{label}\n".encode())
+    labels = images.labels.tolist()
+    for start in range(0, len(images), DIGEST_CHUNK):  # the same bytes, fewer calls
+        part = slice(start, start + DIGEST_CHUNK)
+        lines = zip(images.paths[part], labels[part], strict=True)
+        digest.update("".join(f"{os.path.abspath(p)}\t{label}\n" for p, label in lines).encode())
     return digest.hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -23,18 +24,23 @@ class Outputs:
     """Per-image results of one pass; rows of unreadable images are NaN and `valid` False.
 
     `features` (L2-normalised image features) is kept only when `infer` is asked for it.
+    `pred` and `score` are computed over the whole N x K matrix on first use and kept: a
+    caller reading them per image must not pay for the whole set each time. `cos` is not
+    to be changed after that (no code does).
     """
 
     cos: np.ndarray
     valid: np.ndarray
     features: np.ndarray | None = None
 
-    @property
+    @cached_property
     def pred(self) -> np.ndarray:
+        """Each image's predicted known class: the argmax of its cosines."""
         return self.cos.argmax(axis=1)
 
-    @property
+    @cached_property
     def score(self) -> np.ndarray:
+        """Each image's MCM score (softmax of its cosines, T = 1, its maximum)."""
         return mcm_score(torch.from_numpy(self.cos)).numpy()
 
 
@@ -57,11 +63,11 @@ def infer(
     """Cosine similarities of every image to every known class, with the test transform;
     both towers under `precision`'s autocast, the cosines in fp32 (`UeoModel.cosines`).
 
-    The loader is iterated exactly once; the progress bar only counts batches. `cache` keeps
-    the decoded images and the test transform's pixels for the next pass over the same images
-    (ueo.cache). Batches cross to the device as uint8 and are finished there. In a world of
-    several processes (ueo.distributed), each passes over one contiguous part of the images
-    and every process gets the whole set's outputs, no image counted twice.
+    The loader is iterated exactly once; the progress bar counts this process's images.
+    `cache` keeps the decoded images and the test transform's pixels for the next pass over the
+    same images (ueo.cache). Batches cross to the device as uint8 and are finished there. In a
+    world of several processes (ueo.distributed), each passes over one contiguous part of the
+    images and every process gets the whole set's outputs, no image counted twice.
     `features` also keeps the image features of the same pass (`ueo discover` clusters them).
     """
     runtime = runtime or Runtime()
@@ -84,7 +90,9 @@ def infer(
     progress = runtime.progress and world.main
     with (
         frozen_weights_in(model, DTYPES[precision]),
-        tqdm(total=len(loader), desc=desc, leave=False, disable=not progress) as bar,
+        tqdm(
+            total=len(loader.sampler), desc=desc, unit="img", leave=False, disable=not progress
+        ) as bar,
     ):
         with autocast(device, precision):
             text = model.text_features()
@@ -92,7 +100,7 @@ def infer(
             np.full((len(images), text.shape[1]), np.nan, dtype=np.float32) if features else None
         )
         for x, idx, errors in loader:
-            bar.update()
+            bar.update(len(idx) + len(errors))
             for i, msg in errors:
                 bad.report(i, msg)
             if x is None:

@@ -6,14 +6,11 @@ plain data the caller may print.
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import json
 import logging
 import os
 import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +32,6 @@ from ueo.io import (
     check_output_file,
     load_adapter,
     write_json,
-    write_text,
 )
 from ueo.names import OOD, normalize_name
 from ueo.recipe import Recipe, Runtime
@@ -49,11 +45,10 @@ from ueo.runs import (
     staging_dir,
 )
 from ueo.runtime import captured_log, checked_runtime
+from ueo.timing import Clock
 from ueo.vocabulary import load_vocabulary, without_known
 
 log = logging.getLogger("ueo")
-
-PREDICTION_FIELDS = ("path", "pred", "prob", "mcm", "is_unknown")
 
 
 def adapt_job(
@@ -69,13 +64,15 @@ def adapt_job(
     data_root: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    unlabeled: bool = False,
 ) -> dict:
     """`ueo adapt`: adapt on `data`, write adapter.safetensors, metrics.json and log.txt.
 
     The run is written into a staging folder next to `out` (with its checkpoint and log) and
     swapped in when complete. `resume` continues an interrupted run from its checkpoint;
     `overwrite` replaces a finished run or discards an interrupted one; without either, both
-    are refused (docs/reliability.md).
+    are refused (docs/reliability.md). `unlabeled` reads `data` without labels
+    (`ueo.data.load_image_set`); `test_data` must carry labels.
     """
     recipe = (recipe or Recipe()).validate()
     runtime = checked_runtime(runtime, recipe.precision)
@@ -84,41 +81,48 @@ def adapt_job(
     check_model(model, pretrained)
     on_main(world, lambda: _prepare_run_dir(out, resume, overwrite), "preparing the run folder")
     staging = staging_dir(out)
-    start = time.perf_counter()
+    clock = Clock()
     with captured_log() as buffer:
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
-        unlabeled = load_image_set(data, names, data_root)
-        require_known_classes(unlabeled, names, data)
-        test = load_image_set(test_data, names, data_root) if test_data else None
-        if test is not None:
-            require_known_classes(test, names, test_data)
+        with clock("listing"):
+            images = load_image_set(
+                data, names, data_root, unlabeled=unlabeled, progress=runtime.progress
+            )
+            require_known_classes(images, names, data, unlabeled_hint=True)
+            test = None
+            if test_data:
+                test = load_image_set(test_data, names, data_root, progress=runtime.progress)
+                require_labels(test, "--test-data", "the test set is evaluated against them")
+                require_known_classes(test, names, test_data)
         log.info(
             "ueo %s adapt: %s/%s, %d classes, %d unlabeled images, method %s",
             __version__,
             model,
             pretrained,
             len(names),
-            len(unlabeled),
+            len(images),
             recipe.method,
         )
-        net = load_model(
-            model,
-            pretrained,
-            names,
-            recipe,
-            device=runtime.device,
-            channels_last=runtime.channels_last,
-        )
+        with clock("model"):
+            net = load_model(
+                model,
+                pretrained,
+                names,
+                recipe,
+                device=runtime.device,
+                channels_last=runtime.channels_last,
+            )
         if world.main:
             staging.mkdir(parents=True, exist_ok=True)
-        startup = time.perf_counter() - start  # reading the lists, loading the model
         written = logged_to(staging / LOG_FILE, buffer.getvalue()) if world.main else nullcontext()
         with written:
             result = adapt(
-                net, unlabeled, recipe, runtime, test=test, checkpoint_dir=staging, resume=resume
+                net, images, recipe, runtime, test=test, checkpoint_dir=staging, resume=resume
             )
-            result.timings = {"startup": round(startup, 3), **result.timings}
+            result.timings = {**clock.phases(other=False), **result.timings}
             extra = {"data": str(data), "test_data": test_data and str(test_data)}
+            if unlabeled:
+                extra["unlabeled"] = True
             if world.size > 1:
                 extra["processes"] = world.size
             if not world.main:  # every process holds the result; the main one writes it
@@ -153,9 +157,12 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path:
     return staging
 
 
-def require_known_classes(images: ImageSet, names: list[str], data: str) -> None:
+def require_known_classes(
+    images: ImageSet, names: list[str], data: str, unlabeled_hint: bool = False
+) -> None:
     """Labelled data none of whose classes is on the list is a mistake (a wrong --classes,
-    most likely): say so, with the folder names closest to the list."""
+    most likely): say so, with the folder names closest to the list, and, where unlabeled
+    images will do (`unlabeled_hint`), that --unlabeled reads the folders as they are."""
     if not images.labelled or (images.labels != OOD).any():
         return
     folders = sorted({_class_folder(p, images.source) for p in images.paths})
@@ -163,11 +170,25 @@ def require_known_classes(images: ImageSet, names: list[str], data: str) -> None
         {m for n in names for m in difflib.get_close_matches(normalize_name(n), folders, 3, 0.5)}
     )
     hint = f"; closest folder names: {', '.join(close)}" if close else ""
+    if unlabeled_hint:
+        hint += (
+            f". If its folders are not classes (dates, cameras...), add --unlabeled: every "
+            f"image under {data} is then read without a label"
+        )
     raise UeoError(
         f"None of the classes of {data} ({', '.join(folders[:5])}"
         f"{', ...' if len(folders) > 5 else ''}) is on the class list "
         f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}){hint}."
     )
+
+
+def require_labels(images: ImageSet, what: str, why: str) -> None:
+    """Data that must carry labels (an evaluation's) and carries none: one line saying why."""
+    if not images.labelled:
+        raise UeoError(
+            f"{what} {images.source} carries no labels, and {why}: give a class-folder tree "
+            "(root/<class>/<image>) or a list of 'path label' lines."
+        )
 
 
 def _holds_training_run(folder: Path) -> bool:
@@ -199,7 +220,8 @@ def eval_job(
     data_root: str | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict:
-    """`ueo eval`: metrics of an adapter (or, without one, of the zero-shot `model`)."""
+    """`ueo eval`: metrics of an adapter (or, without one, of the zero-shot `model`) on
+    labelled `data`."""
     runtime = checked_runtime(runtime)
     world, runtime = _joined(runtime)
     if out is not None:
@@ -208,12 +230,16 @@ def eval_job(
             raise UeoError(
                 f"--out {out} holds a training run; write evaluation results to another folder."
             )
+    clock = Clock()
     if adapter:
         if model or classes:
             raise UeoError("--model and --classes go with --zeroshot; an adapter names its own.")
         meta = adapter_metadata(adapter, runtime, pretrained)
-        images = load_image_set(data, meta["class_names"], data_root)
-        net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+        with clock("listing"):
+            images = load_image_set(data, meta["class_names"], data_root, progress=runtime.progress)
+        require_labels(images, "--data", "ueo eval measures the predictions against them")
+        with clock("model"):
+            net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
         precision = meta["recipe"]["precision"]
         # The base weights used: the adapter's, or the `pretrained` that overrides them.
         source = {
@@ -229,15 +255,19 @@ def eval_job(
         pretrained = pretrained or "openai"
         check_model(model, pretrained)
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
-        images = load_image_set(data, names, data_root)
-        net = load_model(
-            model, pretrained, names, device=runtime.device, channels_last=runtime.channels_last
-        )
+        with clock("listing"):
+            images = load_image_set(data, names, data_root, progress=runtime.progress)
+        require_labels(images, "--data", "ueo eval measures the predictions against them")
+        with clock("model"):
+            net = load_model(
+                model, pretrained, names, device=runtime.device, channels_last=runtime.channels_last
+            )
         precision = "fp32"
         source = {"model": model, "pretrained": pretrained, "zeroshot": True}
     require_known_classes(images, net.class_names, data)
-    metrics = evaluate(net, images, runtime, precision=precision)
-    record = {**source, "data": str(data), "metrics": metrics}
+    with clock("evaluation"):
+        metrics = evaluate(net, images, runtime, precision=precision)
+    record = {**source, "data": str(data), "metrics": metrics, "timings_s": clock.phases()}
     if out and world.main:
         write_json(Path(out) / METRICS_FILE, record)
     return record
@@ -252,8 +282,10 @@ def predict_job(
     threshold: float | None = None,
     runtime: Runtime | None = None,
     data_root: str | None = None,
+    unlabeled: bool = False,
 ) -> dict:
-    """`ueo predict`: one CSV row per readable image; returns counts and the threshold used."""
+    """`ueo predict`: one CSV row per readable image; returns counts and the threshold used.
+    `unlabeled` reads `images` without labels (`ueo.data.load_image_set`)."""
     runtime = checked_runtime(runtime)
     world, runtime = _joined(runtime)
     check_threshold(threshold)
@@ -262,21 +294,25 @@ def predict_job(
     threshold = threshold if threshold is not None else meta.get("threshold")
     if threshold is None:
         raise UeoError("The adapter stores no threshold; pass --threshold.")
-    image_set = load_image_set(images, meta["class_names"], data_root)
-    net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
-    rows = predict(net, image_set, threshold, runtime, precision=meta["recipe"]["precision"])
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS))
-    writer.writeheader()
-    writer.writerows(rows)
+    clock = Clock()
+    with clock("listing"):
+        image_set = load_image_set(
+            images, meta["class_names"], data_root, unlabeled=unlabeled, progress=runtime.progress
+        )
+    with clock("model"):
+        net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    with clock("predict"):
+        rows = predict(net, image_set, threshold, runtime, precision=meta["recipe"]["precision"])
     if world.main:
-        write_text(out, buf.getvalue())
+        with clock("write"):
+            rows.write_csv(out)
     return {
         "images": len(rows),
-        "unknown": sum(r["is_unknown"] for r in rows),
+        "unknown": int(rows.is_unknown.sum()),
         "skipped": len(image_set) - len(rows),
         "threshold": threshold,
         "out": str(out),
+        "timings_s": clock.phases(),
     }
 
 
@@ -301,13 +337,14 @@ def discover_job(
     settings: DiscoverSettings | None = None,
     runtime: Runtime | None = None,
     data_root: str | None = None,
+    unlabeled: bool = False,
 ) -> tuple[Discovery, dict]:
     """`ueo discover`: group and name the images of `data` that the adapter rejects.
 
     Writes clusters.csv, clusters.md, sheets/ and discover.json into `out` (a new or empty
     folder, or one holding an earlier discovery, which is replaced whole once the new one is
     complete). `vocabulary` is a file of names; None is WordNet's nouns. Returns the discovery
-    and the record discover.json holds besides it.
+    and the record discover.json holds besides it. `unlabeled` reads `data` without labels.
     """
     runtime = checked_runtime(runtime)
     settings = (settings or DiscoverSettings()).validate()
@@ -316,12 +353,20 @@ def discover_job(
     meta = adapter_metadata(adapter, runtime, pretrained)
     vocab = load_vocabulary(vocabulary)
     candidates = without_known(vocab, meta["class_names"])
-    images = load_image_set(data, meta["class_names"], data_root)
-    net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    clock = Clock()
+    with clock("listing"):
+        images = load_image_set(
+            data, meta["class_names"], data_root, unlabeled=unlabeled, progress=runtime.progress
+        )
+    with clock("model"):
+        net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
     used = meta["threshold"] if threshold is None else threshold
-    found = discover(
-        net, images, used, candidates, runtime, settings, precision=meta["recipe"]["precision"]
-    )
+    with clock("discover"):
+        found = discover(
+            net, images, used, candidates, runtime, settings, precision=meta["recipe"]["precision"]
+        )
+    with clock("digest"):
+        digest = images_digest(images)
     record = {
         "ueo_version": __version__,
         "adapter": str(adapter),
@@ -331,7 +376,7 @@ def discover_job(
         "weights": weights_identity(net.clip.model_name, net.clip.pretrained),
         "data": str(data),
         "data_root": data_root and str(data_root),
-        "images_sha256": images_digest(images),
+        "images_sha256": digest,
         "threshold": used,
         "threshold_source": "adapter" if threshold is None else "--threshold",
         "vocabulary": {
@@ -343,6 +388,7 @@ def discover_job(
         },
         "settings": asdict(settings),
         "precision": meta["recipe"]["precision"],
+        "timings_s": clock.phases(),  # the job's phases; `timings` splits `discover`
     }
     staging = staging_dir(out)
     if staging.exists():

@@ -14,6 +14,7 @@ import codecs
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 from ueo.errors import UeoError
 
@@ -104,12 +105,28 @@ def read_lines(path: Path, what: str) -> list[str]:
         data = path.read_bytes()
     except OSError as exc:
         raise UeoError(f"Cannot read {what.lower()} {path}: {exc.strerror}.") from None
+    return _decoded_lines(data, f"{what} {path}")
+
+
+def read_stream(stream: TextIO | BinaryIO, what: str) -> list[str]:
+    """The lines of a stream read to its end (standard input), decoded as `read_lines` does;
+    a text stream without a binary buffer (a test's StringIO) is taken as it is."""
+    binary = getattr(stream, "buffer", stream)
+    try:
+        data = binary.read()
+    except OSError as exc:
+        raise UeoError(f"Cannot read {what.lower()}: {exc.strerror}.") from None
+    if isinstance(data, str):
+        return re.split(r"\r\n|\r|\n", data)
+    return _decoded_lines(data, what)
+
+
+def _decoded_lines(data: bytes, what: str) -> list[str]:
     codec, name = next(((c, n) for bom, c, n in BOMS if data.startswith(bom)), ("utf-8", "UTF-8"))
     try:
         text = data.decode(codec)
     except UnicodeDecodeError as exc:
         raise UeoError(
-            f"{what} {path} is not {name} text (invalid byte at offset {exc.start}): "
-            "save it as UTF-8."
+            f"{what} is not {name} text (invalid byte at offset {exc.start}): save it as UTF-8."
         ) from None
     return re.split(r"\r\n|\r|\n", text)

@@ -35,6 +35,7 @@ from ueo.inference import Outputs, infer
 from ueo.io import atomic_write
 from ueo.methods import get_method, method_names
 from ueo.model import UeoModel, norm_parameters
+from ueo.pathkeys import PathIndex
 from ueo.recipe import Recipe, Runtime
 from ueo.runs import LOG_FILE, METRICS_FILE, logged_to, publish, save_run, staging_dir
 from ueo.runtime import checked_runtime, resolve_device
@@ -399,11 +400,11 @@ def _shared_zeroshot(
             cache=images,
         )
         cache.clear()
-        cache[key] = ({p: i for i, p in enumerate(paths)}, out)
+        cache[key] = (PathIndex(paths), out)
     index, out = cache[key]
 
     def take(images: ImageSet) -> Outputs:
-        rows = np.array([index[p] for p in images.paths], dtype=np.int64)
+        rows = index.positions(images.paths)
         return Outputs(out.cos[rows], out.valid[rows])
 
     return {"unlabeled": take(unlabeled), "test": take(test)}
