@@ -38,7 +38,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def testbed(repeats: int) -> dict:
-    from ueo.bench.sweep import Suite
+    from ueo.bench.plan import Suite
     from ueo.clip import load_clip
     from ueo.demo.runner import testbed_suite
     from ueo.demo.testbed import build_testbed

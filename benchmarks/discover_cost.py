@@ -28,10 +28,11 @@ import torch
 
 from ueo.api import load_model
 from ueo.data import ImageSet, load_image_set
-from ueo.discovery import DiscoverSettings, discover_outputs
+from ueo.discovery.groups import discover_outputs
+from ueo.discovery.settings import DiscoverSettings
+from ueo.discovery.vocabulary import Vocabulary, encode_vocabulary, load_vocabulary
 from ueo.inference import Outputs, infer
 from ueo.recipe import Runtime
-from ueo.vocabulary import Vocabulary, encode_vocabulary, load_vocabulary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_speed import make_jpegs  # noqa: E402

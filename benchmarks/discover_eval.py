@@ -29,21 +29,17 @@ import numpy as np
 import torch
 
 from ueo.api import load_adapted
-from ueo.bench.sweep import Cell
+from ueo.bench.plan import Cell
 from ueo.demo.discovery import METHOD, SCENARIOS, VOCABULARY_SOURCE
 from ueo.demo.runner import testbed_suite
 from ueo.demo.testbed import build_testbed
-from ueo.discovery import (
-    DiscoverSettings,
-    discover_outputs,
-    evaluate_discovery,
-    evaluate_per_image,
-)
+from ueo.discovery.groups import discover_outputs, evaluate_discovery, evaluate_per_image
+from ueo.discovery.settings import DiscoverSettings
+from ueo.discovery.vocabulary import Vocabulary, encode_vocabulary, without_known
+from ueo.files import write_json, write_text
 from ueo.inference import infer
-from ueo.io import write_json, write_text
 from ueo.recipe import Recipe, Runtime
 from ueo.reports import fmt
-from ueo.vocabulary import Vocabulary, encode_vocabulary, without_known
 
 SCORES = ("cluster_acc", "nmi", "ari", "name_top1", "name_top5")
 

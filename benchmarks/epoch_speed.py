@@ -36,7 +36,8 @@ from PIL import Image
 from ueo.bench.protocol import class_names
 from ueo.cache import ImageCache, split_transform
 from ueo.clip import calibrate_batchnorm, load_clip
-from ueo.data import load_image_set, make_loader
+from ueo.data import load_image_set
+from ueo.loader import make_loader
 from ueo.methods import get_method
 from ueo.model import UeoModel, collect_params, configure_model, frozen_weights_in
 from ueo.recipe import PRECISIONS, Recipe

@@ -189,7 +189,7 @@ def run_case(
     clips = equal_clips(model_name, device, seed, layouts=(False, True))
     names = class_names(CLASS_LISTS[n_classes])
     images = natural_images(batch, clips[0].image_size, seed + 1).to(device)
-    ref = UeoModel(clips[0], names, fast=False).to(device)
+    ref = UeoModel(clips[0], names, bucketing=False).to(device)
     ours = UeoModel(clips[1], names).to(device)
     opt_ref, opt_ours = sgd(ref, RECIPE), sgd(ours, RECIPE)
     with torch.no_grad():

@@ -89,6 +89,13 @@ def make_folder(root, per_class: int = 6, seed: int = 0, classes=None) -> None:
             draw(name, rng).save(d / f"{i:03d}.png")
 
 
+def add_bad_images(folder):
+    """A truncated PNG and a text file named .jpg among the images: unreadable ones."""
+    good = (folder / "red_square" / "000.png").read_bytes()
+    (folder / "red_square" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "black_noise" / "text.jpg").write_text("not an image")
+
+
 def untrained_run(root) -> dict:
     """A labelled folder (one image per class), a class file and a real adapter of the bundled
     ueo-tiny-rn made without training, under `root`: what tests of eval/predict inputs need."""
@@ -232,3 +239,33 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory):
+    """UEO and entropy minimisation on the same generated images (bundled tiny model)."""
+    from ueo.jobs import adapt_job
+    from ueo.recipe import Recipe, Runtime
+
+    root = tmp_path_factory.mktemp("diagnose")
+    make_folder(root / "images")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method in ("ueo", "entmin"):
+            runs[method] = root / "runs" / method
+            adapt_job(
+                runs[method],
+                model="ueo-tiny-rn",
+                pretrained="bundled",
+                data=str(root / "images"),
+                classes=str(root / "classes.txt"),
+                recipe=Recipe(method=method, epochs=3, batch_size=8, lr_prompt=0.02, lr_norm=0.02),
+                runtime=Runtime(device="cpu", workers=0, progress=False, eval_every=1),
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert np.isfinite(json.loads((runs["ueo"] / "metrics.json").read_text())["threshold"])
+    return root, runs

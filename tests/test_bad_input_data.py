@@ -15,18 +15,11 @@ from conftest import CLASSES
 from PIL import Image
 
 from ueo import images as images_module
-from ueo.data import (
-    OOD,
-    UNLABELED,
-    BadImages,
-    ImageDataset,
-    collate,
-    load_image_set,
-    open_rgb,
-    parse_classes,
-)
+from ueo.data import OOD, UNLABELED, load_image_set
 from ueo.errors import UeoError
-from ueo.images import BadImageError, to_rgb
+from ueo.images import BadImageError, open_rgb, to_rgb
+from ueo.loader import BadImages, ImageDataset, collate
+from ueo.names import parse_classes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

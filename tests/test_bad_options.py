@@ -17,10 +17,10 @@ import ueo.bench.jobs
 import ueo.bench.sweep
 import ueo.demo.runner
 import ueo.jobs
-from ueo.bench.sweep import Sweep
+from ueo.bench.plan import Sweep
+from ueo.checks import check_output_dir, check_output_file
 from ueo.cli import main
 from ueo.errors import UeoError
-from ueo.io import check_output_dir, check_output_file
 from ueo.jobs import adapt_job, eval_job, predict_job
 from ueo.recipe import Runtime
 

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from conftest import load_calibrated
 
-from ueo.bench.sweep import default_methods
+from ueo.bench.grid import default_methods
 from ueo.cli import main
 from ueo.demo.runner import demo_methods
 from ueo.errors import UeoError
-from ueo.io import load_adapter
 from ueo.methods import TRAIN_MASK, Batch, get_method, method_names
 from ueo.model import CTX_NAME
 from ueo.objectives import pouf_im_loss, pouf_loss, pouf_transport_loss, upl_loss, upl_select
 from ueo.recipe import Recipe
+from ueo.runs import load_adapter
 
 
 def softmax(xs):

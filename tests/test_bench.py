@@ -15,24 +15,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import ueo.bench.sweep
-from ueo.bench.grid import parse_shard
-from ueo.bench.jobs import bench, bench_recipe
+from ueo.bench.cells import cell_components, cell_fingerprint, status
+from ueo.bench.grid import bench_recipe, parse_shard
+from ueo.bench.jobs import bench
+from ueo.bench.plan import Cell, Domain, Suite, Sweep, cell_costs, plan, split
 from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS, class_names
+from ueo.bench.scores import load_scores
 from ueo.bench.suites import folder_suite
-from ueo.bench.sweep import (
-    Cell,
-    Domain,
-    Suite,
-    Sweep,
-    cell_components,
-    cell_costs,
-    cell_fingerprint,
-    load_scores,
-    plan,
-    run_sweep,
-    split,
-    status,
-)
+from ueo.bench.sweep import run_sweep
 from ueo.cli import build_parser, main
 from ueo.data import ImageSet
 from ueo.errors import UeoError
@@ -466,7 +456,7 @@ def test_cells_made_with_the_earlier_augmentation_draws_are_recomputed(
 
 
 def test_every_cell_is_reported_once_computed_or_read_back(image_folder, tmp_path):
-    """`on_cell` drives the demo's progress bar over its parallel parts."""
+    """`on_done` drives the demo's progress bar over its parallel parts."""
     suite = folder_suite(image_folder, CLASSES + UNKNOWN, known=3)
     quiet = Runtime(device="cpu", workers=0, progress=False)
     recipe = Recipe(epochs=1, batch_size=8)
@@ -474,7 +464,7 @@ def test_every_cell_is_reported_once_computed_or_read_back(image_folder, tmp_pat
     sweep = replace(sweep, methods=["zeroshot", "ueo"])
     for _ in range(2):  # computed, then read back
         told = []
-        results = run_sweep(suite, sweep, tmp_path / "sweep", on_cell=told.append)
+        results = run_sweep(suite, sweep, tmp_path / "sweep", on_done=told.append)
         assert told == [cell for cell, _ in results] == plan(suite, sweep)
         assert len(told) == 4
 

@@ -6,8 +6,8 @@ import pytest
 from conftest import run_curves_grid, seeded_calibrated_clip
 
 import ueo.bench.sweep
+from ueo.bench.plan import Cell
 from ueo.bench.results import learning_curves
-from ueo.bench.sweep import Cell
 from ueo.clip import load_clip
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,7 @@ import torch
 from conftest import CLASSES, UNKNOWN, make_folder
 from safetensors.torch import load_file
 
-from ueo.bench.sweep import load_scores
+from ueo.bench.scores import load_scores
 from ueo.bench.world import AFTER
 from ueo.cli import main
 from ueo.errors import UeoError

@@ -194,7 +194,7 @@ def test_discover_eval_scores_every_variant_of_a_demo_cell(tmp_path, capsys):
     import discover_eval
 
     from ueo.api import adapt, load_model, save_run
-    from ueo.bench.sweep import Cell
+    from ueo.bench.plan import Cell
     from ueo.demo.runner import testbed_suite
     from ueo.demo.testbed import build_testbed
     from ueo.recipe import Recipe, Runtime

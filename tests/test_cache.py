@@ -12,10 +12,12 @@ from torchvision import transforms as T
 import ueo.images
 from ueo import clip
 from ueo.adaptation import adapt
+from ueo.bench.plan import Sweep
 from ueo.bench.suites import folder_suite
-from ueo.bench.sweep import Sweep, run_sweep
+from ueo.bench.sweep import run_sweep
 from ueo.cache import ImageCache, split_transform
-from ueo.data import ImageDataset, ImageSet, collate, load_image_set, make_loader
+from ueo.data import ImageSet, load_image_set
+from ueo.loader import ImageDataset, collate, make_loader
 from ueo.names import UNLABELED
 from ueo.recipe import Recipe, Runtime
 

@@ -20,7 +20,7 @@ import ueo.demo.runner
 from ueo.bench.protocol import class_names
 from ueo.cli import BROKEN_PIPE_EXIT, build_parser, main
 from ueo.errors import UeoError
-from ueo.io import write_text
+from ueo.files import write_text
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

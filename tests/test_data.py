@@ -6,18 +6,11 @@ import torch
 from conftest import CLASSES
 from PIL import Image
 
-from ueo.data import (
-    OOD,
-    UNLABELED,
-    BadImages,
-    ImageDataset,
-    collate,
-    load_image_set,
-    normalize_name,
-    open_rgb,
-    parse_classes,
-)
+from ueo.data import OOD, UNLABELED, load_image_set
 from ueo.errors import UeoError
+from ueo.images import open_rgb
+from ueo.loader import BadImages, ImageDataset, collate
+from ueo.names import normalize_name, parse_classes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -215,3 +208,32 @@ def test_subset_keeps_labels(image_folder):
     assert len(sub) == 6 and (sub.labels == OOD).all()
     assert all("black_noise" in p for p in sub.paths)
     assert np.array_equal(images.subset(np.array([2, 0])).labels, images.labels[[2, 0]])
+
+
+def test_image_sets_are_read_without_torch(tmp_path):
+    """`ueo.data` needs no torch: a runner without it (ueo.deploy) lists images with it."""
+    import subprocess
+    import sys
+
+    png(tmp_path / "a" / "1.png")
+    code = (
+        "import sys; from ueo.data import load_image_set; "
+        f"s = load_image_set({str(tmp_path)!r}, ['a'], unlabeled=True); "
+        "print(len(s), 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split() == ["1", "False"], done.stderr
+
+
+def test_names_that_moved_out_of_data_still_import_with_a_warning():
+    import ueo.loader
+    import ueo.names
+
+    with pytest.warns(DeprecationWarning, match=r"ueo\.loader\.make_loader"):
+        from ueo.data import make_loader
+    assert make_loader is ueo.loader.make_loader
+    with pytest.warns(DeprecationWarning, match=r"ueo\.names\.parse_classes"):
+        from ueo.data import parse_classes as moved
+    assert moved is ueo.names.parse_classes
+    with pytest.raises(ImportError):
+        from ueo.data import no_such_name  # noqa: F401

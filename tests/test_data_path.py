@@ -16,7 +16,8 @@ import ueo.images
 from ueo import clip
 from ueo.adaptation import adapt
 from ueo.cache import PRIVATE_BUDGET, ImageCache, split_transform
-from ueo.data import EpochOrder, ImageDataset, draw_seed, load_image_set, make_loader
+from ueo.data import load_image_set
+from ueo.loader import EpochOrder, ImageDataset, draw_seed, make_loader
 from ueo.recipe import Recipe, Runtime
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -44,7 +44,17 @@ def quick_demo(testbed, tmp_path_factory):
 def test_quick_demo_writes_valid_results(quick_demo, testbed):
     code, out, results = quick_demo
     assert code == 0
-    assert set(results) == {"mean", "domains", "settings", "curves", "label_free_curves", "missing"}
+    assert set(results) == {
+        "mean",
+        "domains",
+        "settings",
+        "curves",
+        "label_free_curves",
+        "missing",
+        "environment",
+        "differences",
+    }
+    assert results["differences"] == [] and results["environment"]["torch"]
     assert results["missing"] == []  # every cell of the grid is in the report
     assert list(results["mean"]) == list(PAPER_SCENARIOS)
     assert list(results["domains"]) == [next(iter(testbed.domains))]  # --quick: one domain

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import CLASSES
 
+from ueo.bench.plan import Domain, Suite, Sweep, plan
 from ueo.bench.protocol import PAPER_SCENARIOS, custom_scenario_split
-from ueo.bench.sweep import Domain, Suite, Sweep, plan
 from ueo.data import ImageSet
 from ueo.demo.runner import parts
 

@@ -19,12 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-import ueo.vocabulary
+import ueo.discovery.vocabulary
 from ueo.cli import build_parser, main
 from ueo.data import ImageSet, load_image_set
-from ueo.discovery import (
-    DEFAULT_MAX_CLUSTERS,
-    DiscoverSettings,
+from ueo.discovery.files import discovery_table
+from ueo.discovery.groups import (
     assign_names,
     cluster_accuracy,
     discover_outputs,
@@ -32,11 +31,8 @@ from ueo.discovery import (
     evaluate_per_image,
     grouping_scores,
 )
-from ueo.discovery_files import discovery_table
-from ueo.errors import UeoError
-from ueo.inference import Outputs, infer
-from ueo.recipe import Runtime
-from ueo.vocabulary import (
+from ueo.discovery.settings import DEFAULT_MAX_CLUSTERS, DiscoverSettings
+from ueo.discovery.vocabulary import (
     Vocabulary,
     encode_names,
     encode_vocabulary,
@@ -45,6 +41,9 @@ from ueo.vocabulary import (
     read_wordnet,
     without_known,
 )
+from ueo.errors import UeoError
+from ueo.inference import Outputs, infer
+from ueo.recipe import Runtime
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -326,12 +325,14 @@ def test_a_malformed_wordnet_line_names_the_file_and_line(tmp_path):
 
 
 def test_default_vocabulary_is_wordnet_or_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(ueo.vocabulary, "WORDNET_NOUNS", tmp_path / "absent" / "index.noun")
+    monkeypatch.setattr(
+        ueo.discovery.vocabulary, "WORDNET_NOUNS", tmp_path / "absent" / "index.noun"
+    )
     with pytest.raises(UeoError, match="apt-get install wordnet-base.*--vocabulary FILE"):
         load_vocabulary()
     present = tmp_path / "index.noun"
     present.write_text(WORDNET_HEADER + "cat n 1 0 1 0 02121620\n")
-    monkeypatch.setattr(ueo.vocabulary, "WORDNET_NOUNS", present)
+    monkeypatch.setattr(ueo.discovery.vocabulary, "WORDNET_NOUNS", present)
     assert load_vocabulary().names == ("cat",)
 
 
@@ -429,7 +430,7 @@ def test_the_encoded_vocabulary_is_cached_per_context_and_names(tmp_path, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("encoded again")
 
-    monkeypatch.setattr(ueo.vocabulary, "encode_names", refuse)
+    monkeypatch.setattr(ueo.discovery.vocabulary, "encode_names", refuse)
     names, again = encode_vocabulary(model, vocab, progress=False, cache=tmp_path)
     assert torch.equal(first, again)
     monkeypatch.undo()
@@ -537,7 +538,7 @@ def test_discover_command_one_line_errors(bundled_run, tmp_path, capsys, extra, 
 def test_discover_without_wordnet_or_vocabulary_says_what_to_install(
     bundled_run, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(ueo.vocabulary, "WORDNET_NOUNS", tmp_path / "none" / "index.noun")
+    monkeypatch.setattr(ueo.discovery.vocabulary, "WORDNET_NOUNS", tmp_path / "none" / "index.noun")
     argv = ["discover", "--adapter", str(bundled_run["adapter"]), "--data"]
     argv += [str(bundled_run["images"]), "--out", str(tmp_path / "x"), "--quiet"]
     assert main(argv) == 2
@@ -568,14 +569,14 @@ def test_parser_defaults_match_the_library():
 
 def test_the_python_api_exports_discover():
     import ueo.api
-    import ueo.discovery  # noqa: F401  (the submodule must not shadow the function)
+    import ueo.discovery.groups  # noqa: F401  (the submodule must not shadow the function)
     from ueo import DiscoverSettings, discover, load_vocabulary, without_known
 
     assert discover is ueo.api.discover and callable(discover)
-    assert DiscoverSettings is ueo.discovery.DiscoverSettings
+    assert DiscoverSettings is ueo.discovery.settings.DiscoverSettings
     assert (load_vocabulary, without_known) == (
-        ueo.vocabulary.load_vocabulary,
-        ueo.vocabulary.without_known,
+        ueo.discovery.vocabulary.load_vocabulary,
+        ueo.discovery.vocabulary.without_known,
     )
 
 

@@ -80,17 +80,17 @@ def as_torchrun_process(rank: int, size: int, port: int) -> None:
 def worker(rank: int, size: int, port: int, folder: str, out: str, names, per_shard: bool):
     """One process of a world of `size`, with the variables torchrun would set."""
     as_torchrun_process(rank, size, port)
-    import ueo.adaptation
     import ueo.distributed
+    import ueo.training
 
     if per_shard:  # the control: each process's loss on its own part, gradients summed
-        step = ueo.adaptation._Trainer.step
+        step = ueo.training.Trainer.step
 
         def own_part(self, images, parts, where):
             alone = [p if r == self.world.rank else [] for r, p in enumerate(parts)]
             return step(self, images, alone, where)
 
-        ueo.adaptation._Trainer.step = own_part
+        ueo.training.Trainer.step = own_part
     ueo.distributed.start_world("cpu")
     try:
         run_configs(Path(folder), Path(out), names)
@@ -215,6 +215,36 @@ def test_torchrun_adapt_writes_the_single_process_run(cli_folder, single_run, tm
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single_run.iterdir())
 
 
+def test_two_machines_run_once_as_one_process(cli_folder, single_run, tmp_path):
+    """docs/distributed.md's several-machines path: two `torchrun --nnodes 2` launchers, one
+    process each, meeting at a c10d rendezvous on localhost (as two machines would at the
+    first one's address), write the run of a single process."""
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    launchers = [
+        subprocess.Popen(
+            [str(TORCHRUN), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d"]
+            + [f"--rdzv_endpoint={endpoint}", "--rdzv_id=ueo-two-machines", "--max_restarts=0"]
+            + ["-m", "ueo", *adapt_argv(cli_folder, out, *TRAIN)],
+            env=ueo_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in launchers]
+    for p, (_, stderr) in zip(launchers, outputs, strict=True):
+        assert p.returncode == 0, stderr
+    assert sum(o.count("adapted unlabeled") for o, _ in outputs) == 1  # process 0's table
+    one, two = tensors(single_run), tensors(out)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=0, msg=k)
+    a = json.loads((single_run / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert b["adapted"] == a["adapted"] and b["processes"] == 2
+
+
 def test_a_killed_process_ends_the_run_and_resume_finishes_it(cli_folder, single_run, tmp_path):
     """kill -9 of process 1 mid-run: the run ends, with torchrun naming the process; the same
     command with --resume (here on one process: the state does not depend on their number)
@@ -270,8 +300,9 @@ def infer_worker(rank: int, size: int, port: int, folder: str, out: str):
 def passes(folder: Path):
     """A zero-shot pass over a set with an unreadable image, by batches of 4."""
     from ueo.api import load_model
-    from ueo.data import BadImages, load_image_set
+    from ueo.data import load_image_set
     from ueo.inference import infer
+    from ueo.loader import BadImages
 
     images = load_image_set(folder, CLASSES)
     bad = BadImages()

@@ -15,8 +15,8 @@ import sys
 import pytest
 from docblocks import DOCS, LANGUAGES, ROOT, all_blocks, exec_block
 
+from ueo.bench.plan import Domain, Suite, Sweep, plan
 from ueo.bench.protocol import DATASETS, PAPER_SCENARIOS
-from ueo.bench.sweep import Domain, Suite, Sweep, plan
 from ueo.cli import build_parser
 from ueo.data import ImageSet
 from ueo.demo.runner import demo_methods, demo_recipe

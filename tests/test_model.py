@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import calibration_batch, load_calibrated
 
-from ueo.adaptation import training_step
 from ueo.errors import UeoError
 from ueo.methods import get_method
 from ueo.model import CTX_NAME, collect_params, configure_model, norm_parameters, tuning
 from ueo.objectives import entmin_loss, mcm_score, ueo_loss
 from ueo.recipe import Recipe
+from ueo.training import training_step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -19,11 +19,12 @@ import pytest
 import torch
 from conftest import untrained_run
 
-from ueo.bench.sweep import SCORES_FILE, load_scores
+from ueo.bench.scores import SCORES_FILE, load_scores
 from ueo.cli import main
 from ueo.demo import testbed
 from ueo.errors import UeoError
-from ueo.io import ADAPTER_FILE, load_adapter, save_adapter
+from ueo.layout import ADAPTER_FILE
+from ueo.runs import load_adapter, save_adapter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -20,13 +20,15 @@ from conftest import CLASSES, load_calibrated
 from torch.utils.data import DataLoader, RandomSampler
 
 import ueo.adaptation
-import ueo.data
+import ueo.loader
+import ueo.training
 from ueo.api import adapt, load_adapted, load_model, save_run
 from ueo.clip import load_clip
-from ueo.data import ImageDataset, ImageSet, collate, load_image_set
-from ueo.io import load_adapter
+from ueo.data import ImageSet, load_image_set
+from ueo.loader import ImageDataset, collate
 from ueo.model import UeoModel
 from ueo.recipe import Recipe, Runtime
+from ueo.runs import load_adapter
 
 EPS = 1e-5  # demo.py:329, 342
 SCALE = 100.0  # demo.py:470
@@ -183,21 +185,21 @@ def test_training_order_and_one_load_per_image(image_folder, monkeypatch, worker
     images = load_image_set(image_folder, CLASSES)
     n, epochs, batch, seed = len(images), 3, 8, 7
     seen: list[int] = []
-    real_make_loader = ueo.adaptation.make_loader
+    real_make_loader = ueo.training.make_loader
     monkeypatch.setattr(
-        ueo.adaptation,
+        ueo.training,
         "make_loader",
         lambda *a, **k: RecordingLoader(real_make_loader(*a, **k), seen),
     )
     loads = mp.Array("i", n)  # shared with the worker processes
-    real_getitem = ueo.data.ImageDataset.__getitem__
+    real_getitem = ueo.loader.ImageDataset.__getitem__
 
     def counted(self, key):
         with loads.get_lock():
             loads[key[1] if isinstance(key, tuple) else key] += 1  # training keys: (epoch, i)
         return real_getitem(self, key)
 
-    monkeypatch.setattr(ueo.data.ImageDataset, "__getitem__", counted)
+    monkeypatch.setattr(ueo.loader.ImageDataset, "__getitem__", counted)
     recipe = Recipe(epochs=epochs, batch_size=batch, seed=seed, lr_norm=0.0)
     adapt(load_calibrated("test-tiny-vit"), images, recipe, QUIET.replace(workers=workers))
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import CLASSES, load_calibrated
+from PIL import Image
 
 import ueo.inference
 from ueo.api import predict
 from ueo.data import ImageSet, load_image_set
+from ueo.errors import UeoError
 from ueo.inference import Outputs
 from ueo.pathkeys import PathIndex, lookup, path_keys
 from ueo.predictions import PREDICTION_FIELDS, Predictions
@@ -124,3 +126,46 @@ def test_a_path_index_finds_each_path_and_names_a_missing_one():
     keys = np.sort(path_keys(paths[:3]))
     assert lookup(keys, path_keys(["x", paths[1]])).tolist()[0] == -1
     assert ImageSet(paths, np.zeros(1000)).subset(index.positions(wanted)).paths == wanted
+
+
+def test_images_in_memory_give_the_rows_of_ueo_predict(tmp_path):
+    """A service's PIL images (any mode) or N x H x W x 3 array: the rows of `ueo predict` on
+    the same images as files, to the last digit."""
+    from conftest import draw, untrained_run
+
+    from ueo.api import load_adapted
+    from ueo.data import MemoryImages
+    from ueo.jobs import predict_job
+
+    run = untrained_run(tmp_path)
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(7):
+        draw((CLASSES * 2)[i], rng).save(folder / f"{i}.png")
+    palette = draw("black noise", rng).convert("P")
+    palette.info["transparency"] = 0  # composited on white, from a file or from memory
+    palette.save(folder / "7.png", transparency=0)
+    predict_job(run["adapter"], str(folder), tmp_path / "p.csv", runtime=QUIET)
+    with open(tmp_path / "p.csv", newline="") as f:
+        expected = [(r["pred"], r["prob"], r["mcm"], r["is_unknown"]) for r in csv.DictReader(f)]
+    model, meta = load_adapted(run["adapter"])
+    files = sorted(folder.iterdir(), key=lambda p: int(p.stem))
+    pil = []
+    for path in files:
+        with Image.open(path) as img:
+            img.load()
+            pil.append(img)
+    array = np.stack([np.asarray(img.convert("RGB")) for img in pil[:7]])
+
+    def rows(images):
+        found = predict(model, images, meta["threshold"], QUIET)
+        return [(r["pred"], str(r["prob"]), str(r["mcm"]), str(r["is_unknown"])) for r in found]
+
+    assert rows(pil) == expected and pil[7].mode == "P"
+    assert rows(array) == expected[:7]
+    named = predict(model, MemoryImages(array[:2], ["a.jpg", "b.jpg"]), 0.5, QUIET)
+    assert [r["path"] for r in named] == ["a.jpg", "b.jpg"]
+    assert [r["path"] for r in predict(model, pil[:2], 0.5, QUIET)] == ["0", "1"]
+    with pytest.raises(UeoError, match="N x H x W x 3 uint8"):
+        predict(model, array.astype(np.float32), 0.5, QUIET)

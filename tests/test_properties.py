@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from ueo.data import OOD, load_image_set, normalize_name, parse_classes
+from ueo.data import OOD, load_image_set
 from ueo.metrics import compute_metrics
+from ueo.names import normalize_name, parse_classes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -21,15 +21,17 @@ from conftest import CLASSES, make_folder
 from PIL import Image
 from safetensors import safe_open
 
+from ueo.bench.plan import Sweep
 from ueo.bench.suites import folder_suite
-from ueo.bench.sweep import Sweep, run_sweep
+from ueo.bench.sweep import run_sweep
 from ueo.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from ueo.cli import COMMANDS, build_parser, main
+from ueo.cli import build_parser, main
 from ueo.errors import UeoError
+from ueo.files import write_json
 from ueo.fingerprint import weights_identity
-from ueo.io import ADAPTER_FILE, load_adapter, write_json
+from ueo.layout import ADAPTER_FILE
 from ueo.recipe import Recipe, Runtime
-from ueo.runs import staging_dir
+from ueo.runs import load_adapter, staging_dir
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -216,7 +218,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, small_folde
 def main_raising(argv):
     """The command's job, called so that its UeoError is seen (main() turns it into exit 2)."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    return args.run(args)
 
 
 def test_finished_run_is_refused_replaced_only_with_overwrite(tmp_path, small_folder):

@@ -11,6 +11,7 @@ from conftest import CLASSES, load_calibrated
 import ueo.adaptation
 import ueo.errors
 import ueo.methods
+import ueo.training
 from ueo.adaptation import adapt
 from ueo.data import load_image_set
 from ueo.methods import get_method
@@ -236,7 +237,7 @@ def test_reading_the_guard_every_few_steps_changes_nothing(folder_images, monkey
     recipe = Recipe(epochs=2, batch_size=4, lr_prompt=1e-2, lr_norm=1e-2, on_nonfinite=policy)
     outcomes = []
     for every in (1, 4):
-        monkeypatch.setattr(ueo.adaptation, "_read_every", lambda device, every=every: every)
+        monkeypatch.setattr(ueo.training, "read_every", lambda device, every=every: every)
         model = load_calibrated("test-tiny-rn")
         try:
             result = adapt(model, folder_images, recipe, QUIET)

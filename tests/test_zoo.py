@@ -169,7 +169,7 @@ def test_pretrain_tool_runs(tmp_path, monkeypatch, capsys):
     assert recipe["sha256"] == zoo.sha256_file(weights)
     assert recipe["settings"]["epochs"] == 1 and recipe["settings"]["logit_scale"] == 100
     assert recipe["command"].startswith("python tools/pretrain.py --model ueo-tiny-rn")
-    model = zoo.load_checkpoint("ueo-tiny-rn", weights)
+    model = zoo.load_weights("ueo-tiny-rn", weights)
     shipped = zoo.load_bundled("ueo-tiny-rn")
     assert not torch.equal(model.visual.conv1.weight, shipped.visual.conv1.weight)
     assert "zero_shot_source_test" in capsys.readouterr().out

@@ -40,9 +40,9 @@ from PIL import Image
 
 from ueo.clip import test_transform
 from ueo.demo.testbed import CLASS_NAMES, KNOWN, source_arrays
-from ueo.demo.zoo import BUNDLED, create_tiny_model, load_checkpoint, save_checkpoint, sha256_file
+from ueo.demo.zoo import BUNDLED, create_tiny_model, load_weights, save_weights, sha256_file
 from ueo.errors import UeoError
-from ueo.io import write_json
+from ueo.files import write_json
 from ueo.names import spoken_name
 from ueo.objectives import LOGIT_SCALE
 
@@ -285,8 +285,8 @@ def _run(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / f"{args.model}.safetensors"
-    save_checkpoint(model, weights)
-    saved = load_checkpoint(args.model, weights)
+    save_weights(model, weights)
+    saved = load_weights(args.model, weights)
     zero_shot = source_zero_shot(saved, args.model)
     recipe = {
         "settings": settings,

@@ -6,28 +6,32 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from ueo.adaptation import AdaptResult, adapt
 from ueo.clip import load_clip
-from ueo.data import BadImages, ImageSet
-from ueo.discovery import DiscoverSettings, Discovery, discover
+from ueo.data import ImageSet, MemoryImages
+from ueo.discovery.groups import Discovery, discover
+from ueo.discovery.settings import DiscoverSettings
+from ueo.discovery.vocabulary import Vocabulary, load_vocabulary, without_known
 from ueo.errors import UeoError
 from ueo.inference import infer, metrics_of
-from ueo.io import load_adapter
+from ueo.loader import BadImages
 from ueo.model import UeoModel
 from ueo.objectives import LOGIT_SCALE
 from ueo.predictions import Predictions
 from ueo.recipe import Recipe, Runtime
-from ueo.runs import save_run
+from ueo.runs import load_adapter, save_run
 from ueo.runtime import resolve_device
-from ueo.vocabulary import Vocabulary, load_vocabulary, without_known
 
 __all__ = [
     "AdaptResult",
     "DiscoverSettings",
     "Discovery",
+    "MemoryImages",
     "Predictions",
     "Recipe",
     "Runtime",
@@ -106,7 +110,7 @@ def evaluate(
 
 def predict(
     model: UeoModel,
-    images: ImageSet,
+    images: ImageSet | Sequence[Image.Image] | np.ndarray,
     threshold: float,
     runtime: Runtime | None = None,
     *,
@@ -114,10 +118,22 @@ def predict(
 ) -> Predictions:
     """One row per readable image: predicted known class, its probability, MCM, unknown flag.
 
-    The class probability is the softmax of 100 * cos (the scale used in training); the MCM
-    score is the softmax of the raw cosines (T = 1), compared with `threshold`. The rows are
-    held as columns (`ueo.predictions.Predictions`); each reads as a dict.
+    Args:
+        model: the adapted (or zero-shot) model, e.g. from `load_adapted`.
+        images: an image set on disk (`ueo.data.load_image_set`), or images in memory: a
+            list of PIL images or an N x H x W x 3 uint8 RGB array (`ueo.data.MemoryImages`,
+            whose rows are named "0", "1", ...; wrap them yourself to name them).
+        threshold: the MCM score below which an image is unknown (an adapter's `threshold`).
+        runtime: device, batch size, workers (images in memory: none unless asked for).
+        precision: the autocast precision (an adapter's recipe's).
+
+    Returns:
+        The rows of `ueo predict`, held as columns (`ueo.predictions.Predictions`; each row
+        reads as a dict): the class probability is the softmax of 100 * cos (the scale used
+        in training); the MCM score the softmax of the raw cosines (T = 1).
     """
+    if not isinstance(images, ImageSet):
+        images = MemoryImages(images)
     runtime = (runtime or Runtime()).validate()
     model.to(resolve_device(runtime.device))
     bad = BadImages(runtime.on_bad_image)

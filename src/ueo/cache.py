@@ -171,6 +171,61 @@ def _shared(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0))
 
 
+class RowIndex:
+    """Where each registered path's arrays have their table rows: per kind of array (None:
+    decoded images; a Split's key: its pixels), the sorted keys of the paths (ueo.pathkeys)
+    and their rows. A million images cost a few arrays of numbers, not a million dict
+    entries. The tables are shared memory made by the process that registers; a copy of the
+    index unpickled elsewhere (a spawned worker) gets tables of its own."""
+
+    def __init__(self):
+        self.index: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
+        self.tables: list[np.ndarray] = []  # one per registration that added rows
+        self.starts: list[int] = []  # the first row of each table
+        self.rows = 0  # rows assigned
+
+    def __getstate__(self) -> dict:
+        return {"index": self.index, "rows": self.rows}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.index = state["index"]
+        if state["rows"]:
+            self._claim(state["rows"])
+
+    def add(self, kind: str | None, paths: np.ndarray) -> None:
+        """Rows in `kind`'s index for the path keys it does not hold yet."""
+        keys, rows = self.index.get(kind, (np.zeros(0, KEY), np.zeros(0, np.int64)))
+        new = np.unique(paths)
+        new = new[lookup(keys, new) < 0]
+        if not len(new):
+            return
+        first = self._claim(len(new))
+        keys = np.concatenate([keys, new])
+        rows = np.concatenate([rows, np.arange(first, first + len(new))])
+        order = np.argsort(keys, kind="stable")
+        self.index[kind] = keys[order], rows[order]
+
+    def _claim(self, n: int) -> int:
+        """`n` new rows, in a shared table of their own; the first row's number."""
+        self.tables.append(np.frombuffer(_shared(n * ROW * 8), np.int64).reshape(n, ROW))
+        self.starts.append(self.rows)
+        self.rows += n
+        return self.starts[-1]
+
+    def find(self, kind: str | None, path: str) -> tuple[np.ndarray, int] | None:
+        """The table and row of `path`'s array of `kind`, if it was registered."""
+        keys, rows = self.index.get(kind, (None, None))
+        if keys is None:
+            return None
+        found = int(lookup(keys, np.array([path_key(path)], dtype=KEY))[0])
+        if found < 0:
+            return None
+        row = int(rows[found])
+        t = bisect.bisect_right(self.starts, row) - 1
+        return self.tables[t], row - self.starts[t]
+
+
 class ImageCache:
     """Decoded images and test-transform pixels of the images a run uses (module docstring).
 
@@ -182,8 +237,7 @@ class ImageCache:
     Each stored array has a row in a shared table (its state, offset and shape); the rows are
     assigned by the process that made the store (`register`, called by `ImageDataset` when a
     loader is built), so a worker forked afterwards knows where every image of its set goes.
-    A row is found by its path's key (ueo.pathkeys) in sorted arrays, so a million images cost a few
-    arrays of numbers, not a million dict entries. A lock orders the claims and the ready
+    A row is found by its path's key (`RowIndex`). A lock orders the claims and the ready
     flags; an array is written once and never moves.
     """
 
@@ -192,24 +246,18 @@ class ImageCache:
         self._lock = multiprocessing.Lock()
         self._counters = np.frombuffer(_shared(3 * 8), np.int64)
         self._arena = _shared(self.budget) if self.budget > 0 else None
-        # Per kind of array (None: decoded images; a Split's key: its pixels), the sorted
-        # keys of the registered paths and their rows: numbers, no Python object per image.
-        self._index: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
-        self._tables: list[np.ndarray] = []  # shared row tables, one per registration
-        self._starts: list[int] = []  # the first row of each table
-        self._rows = 0  # rows assigned
+        self._rows = RowIndex()
 
     def __getstate__(self) -> dict:
         """A worker started by pickling ('spawn', 'forkserver') cannot map this memory..."""
-        return {"budget": self.budget, "index": self._index, "rows": self._rows}
+        return {"budget": self.budget, "rows": self._rows}
 
     def __setstate__(self, state: dict) -> None:
         """...so it gets a private store of its own, capped as a worker's store was before,
-        with rows for the images registered so far."""
+        with rows (tables of its own) for the images registered so far."""
         self.__init__(min(state["budget"], PRIVATE_BUDGET))
-        if self._arena is not None and state["rows"]:
-            self._index = state["index"]
-            self._claim(state["rows"])
+        if self._arena is not None:
+            self._rows = state["rows"]
 
     def __len__(self) -> int:
         return int(self._counters[STORED])
@@ -228,45 +276,13 @@ class ImageCache:
         if self._arena is None:
             return
         keys = path_keys(paths)
-        self._add(None, keys)
+        self._rows.add(None, keys)
         if split is not None and split.deterministic:
-            self._add(split.key, keys)
-
-    def _add(self, kind: str | None, paths: np.ndarray) -> None:
-        """Rows in `kind`'s index for the path keys it does not hold yet."""
-        keys, rows = self._index.get(kind, (np.zeros(0, KEY), np.zeros(0, np.int64)))
-        new = np.unique(paths)
-        new = new[lookup(keys, new) < 0]
-        if not len(new):
-            return
-        first = self._claim(len(new))
-        keys = np.concatenate([keys, new])
-        rows = np.concatenate([rows, np.arange(first, first + len(new))])
-        order = np.argsort(keys, kind="stable")
-        self._index[kind] = keys[order], rows[order]
-
-    def _claim(self, n: int) -> int:
-        """`n` new rows, in a shared table of their own; the first row's number."""
-        self._tables.append(np.frombuffer(_shared(n * ROW * 8), np.int64).reshape(n, ROW))
-        self._starts.append(self._rows)
-        self._rows += n
-        return self._starts[-1]
-
-    def _row(self, kind: str | None, path: str) -> tuple[np.ndarray, int] | None:
-        """The table and row of `path`'s array of `kind`, if it was registered."""
-        keys, rows = self._index.get(kind, (None, None))
-        if keys is None:
-            return None
-        found = int(lookup(keys, np.array([path_key(path)], dtype=KEY))[0])
-        if found < 0:
-            return None
-        row = int(rows[found])
-        t = bisect.bisect_right(self._starts, row) - 1
-        return self._tables[t], row - self._starts[t]
+            self._rows.add(split.key, keys)
 
     def _get(self, kind: str | None, path: str) -> np.ndarray | None:
         """The stored array of `kind` for `path` (read-only, shared), or None if not stored."""
-        row = self._row(kind, path)
+        row = self._rows.find(kind, path)
         if row is None:
             return None
         table, i = row
@@ -280,7 +296,7 @@ class ImageCache:
 
     def _put(self, kind: str | None, path: str, array: np.ndarray) -> None:
         """Store `array` (uint8, 3-D) as `path`'s of `kind` if it has a row and fits."""
-        row = self._row(kind, path)
+        row = self._rows.find(kind, path)
         if row is None:
             return
         table, i = row

@@ -7,6 +7,7 @@ for Python callers, before any model or data is loaded.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -76,6 +77,25 @@ def check_data(data: str | os.PathLike, what: str = "Data path") -> None:
         )
 
 
+def check_resume_overwrite(resume: bool, overwrite: bool) -> None:
+    """A run folder is continued (`--resume`) or replaced (`--overwrite`), not both."""
+    if resume and overwrite:
+        raise UeoError("Give --resume or --overwrite, not both.")
+
+
+def check_eval_source(adapter: bool, zeroshot: bool, model: bool, classes: bool) -> None:
+    """`ueo eval` evaluates an adapter (which names its model and classes) or the zero-shot
+    model of `--model` and `--classes`."""
+    if adapter == zeroshot:
+        raise UeoError("Give either --adapter or --zeroshot (with --model and --classes).")
+    if adapter and (model or classes):
+        raise UeoError("--model and --classes go with --zeroshot; an adapter names its own.")
+    if zeroshot and not (model and classes):
+        raise UeoError(
+            "A zero-shot evaluation needs --model and --classes (--pretrained: default openai)."
+        )
+
+
 def check_threshold(threshold: float | None) -> None:
     """An MCM threshold is a softmax probability: a number in [0, 1] (None: the adapter's)."""
     if threshold is None:
@@ -104,3 +124,27 @@ def _check_writable(folder: Path, path: Path, what: str) -> None:
         raise UeoError(f"{what} {path} is not writable ({folder}: {exc.strerror}).") from None
     os.close(fd)
     os.unlink(name)
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """An option's value must be an integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UeoError(f"--{name} must be an integer >= {low}, not {value!r}.")
+    if high is not None and value > high:
+        raise UeoError(f"--{name} must be an integer <= {high}, not {value!r}.")
+
+
+def check_float(name: str, value, high: float | None = None) -> None:
+    """An option's value must be a finite number >= 0 (and <= high)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UeoError(f"--{name} must be a number, not {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise UeoError(f"--{name} must be a finite number >= 0, not {value!r}.")
+    if high is not None and value > high:
+        raise UeoError(f"--{name} must be at most {high:.4g} (fp32's range), not {value!r}.")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """An option's value must be one of `choices`."""
+    if value not in choices:
+        raise UeoError(f"--{name} must be one of {', '.join(choices)}, not {value!r}.")

@@ -26,7 +26,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision import transforms as T
 
 from ueo.errors import UeoError
-from ueo.runtime import quiet_root_logger
+from ueo.logs import quiet_root_logger
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 UEO's loss couples a batch (the entropy of its weighted mean prediction), so a process that
 computed it on its own part of a batch would optimise another objective. Here every process
-takes one contiguous part of each global batch (`ueo.data.EpochOrder`), computes the cosines
+takes one contiguous part of each global batch (`ueo.loader.EpochOrder`), computes the cosines
 of its part, and then every process computes the loss of the *whole* batch from the gathered
-cosines (`Shard.gather`): the other processes' rows as values, its own with their gradient.
+cosines (`BatchPart.gather`): the other processes' rows as values, its own with their gradient.
 The gradients of the tuned tensors are then summed over the processes (`World.sum_`), which
 gives each process the gradient a single process computes on the whole batch, to float
 rounding, and keeps every process's tensors equal. No DistributedDataParallel: the tuned
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     cpu_group: object = field(default=None, repr=False)
+    store: object = field(default=None, repr=False)  # torchrun's key-value store, this attempt's
 
     @property
     def main(self) -> bool:
@@ -75,6 +77,20 @@ class World:
         parts = _all_gather_rows(torch.from_numpy(rows), counts, self.cpu_group)
         return np.concatenate([p.numpy() for p in parts])
 
+    def anyone(self, flag: bool) -> bool:
+        """Whether `flag` holds in any process (a stop asked for by a signal)."""
+        return any(p[0] for p in self.exchange([flag]))
+
+    def everyone(self, flag: bool) -> bool:
+        """Whether `flag` holds in every process (finite outputs)."""
+        return all(p[0] for p in self.exchange([flag]))
+
+    def share_batch(self, stop: bool, indices: list[int]) -> BatchParts:
+        """What each process holds of a batch, and whether any was asked to stop: the one
+        exchange of a training step, on the CPU."""
+        parts = self.exchange([stop, *indices])
+        return BatchParts(any(p[0] for p in parts), [p[1:] for p in parts])
+
     def barrier(self) -> None:
         if self.size > 1:
             with _peers():
@@ -91,7 +107,20 @@ class World:
             raise UeoError(f"Process {bad} of {self.size} stopped {what}; its error says why.")
 
 
-SINGLE = World()
+SINGLE_PROCESS = World()
+
+
+@dataclass(frozen=True)
+class BatchParts:
+    """A training batch as the processes hold it: each one's dataset indices (a part may be
+    empty: an unreadable image, a short last batch), and whether a signal asked any to stop."""
+
+    stop: bool
+    indices: list[list[int]]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.indices)
 
 
 def _all_gather_rows(rows: torch.Tensor, counts: list[int], group=None) -> list[torch.Tensor]:
@@ -139,37 +168,71 @@ def current_world() -> World:
     return _WORLD
 
 
-_WORLD = SINGLE
+_WORLD = SINGLE_PROCESS
 
 
 def start_world(device: str) -> tuple[World, str]:
     """Join the run's processes (torchrun's environment variables, `ueo.launch`), once;
-    returns the world and this process's device (`cuda:LOCAL_RANK` for `cuda` or `auto` with
-    GPUs). A process launched alone runs alone, without a process group.
+    returns the world and this process's device (`process_device`). A process launched alone
+    runs alone, without a process group.
 
     NCCL carries the GPU's collectives, gloo the CPU's and every host-side agreement.
     """
     global _WORLD
     launch = launch_from_env()
     if launch.size == 1:
-        return SINGLE, device
-    check_launch_device(launch, device)
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        if not torch.cuda.is_available():
-            raise UeoError(f"--device {device} was asked for but no CUDA GPU is available.")
-        if ":" in device:
-            torch.cuda.set_device(torch.device(device))
-        else:
-            device = local_cuda(launch)
+        return SINGLE_PROCESS, device
+    device = process_device(launch, device)
+    cuda = device.startswith("cuda")
     if _WORLD.size == 1:
-        if not dist.is_initialized():
-            backend = "nccl" if cuda else "gloo"
-            kwargs = {"device_id": torch.device(device)} if cuda else {}
-            dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
-        cpu_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else dist.group.WORLD
-        _WORLD = World(launch.rank, launch.size, launch.local_rank, cpu_group)
+        _WORLD = join_world(launch, "nccl" if cuda else "gloo", TIMEOUT, device if cuda else None)
     return _WORLD, device
+
+
+def join_world(
+    launch: Launch, backend: str, timeout: datetime.timedelta, device: str | None = None
+) -> World:
+    """This process in torchrun's process group (`backend`; `device`: NCCL's GPU), with a
+    gloo group for the CPU's agreements. Each attempt of a world torchrun restarts
+    (--max-restarts) gets keys of its own in the launcher's store, which keeps those of the
+    attempt before (the old processes' addresses)."""
+    store = None
+    if not dist.is_initialized():  # else joined already, by the caller
+        unset = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if unset:
+            needs = " and ".join(unset)
+            raise UeoError(f"WORLD_SIZE={launch.size} needs {needs} (torchrun sets them).")
+        try:
+            store, rank, size = next(dist.rendezvous("env://"))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"attempt{attempt}/", store)
+            kwargs = {"device_id": torch.device(device)} if device else {}
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=size, timeout=timeout, **kwargs
+            )
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UeoError(
+                f"Rank {launch.rank} could not join the other processes: {first}"
+            ) from None
+    cpu = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return World(launch.rank, launch.size, launch.local_rank, cpu, store)
+
+
+def process_device(launch: Launch, device: str) -> str:
+    """This process's device among torchrun's: `cuda`, and `auto` with GPUs, are
+    cuda:LOCAL_RANK; `cuda:N` (one process on its machine) is that GPU; either is made the
+    current device. Any other device (cpu) is every process's."""
+    check_launch_device(launch, device)
+    device = device.strip()
+    if not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+        return device
+    if not torch.cuda.is_available():
+        raise UeoError(f"--device {device} was asked for but no CUDA GPU is available.")
+    if ":" in device:
+        torch.cuda.set_device(torch.device(device))
+        return device
+    return local_cuda(launch)
 
 
 def local_cuda(launch: Launch) -> str:
@@ -189,11 +252,11 @@ def end_world() -> None:
     global _WORLD
     if dist.is_initialized():
         dist.destroy_process_group()
-    _WORLD = SINGLE
+    _WORLD = SINGLE_PROCESS
 
 
 @dataclass(frozen=True)
-class Shard:
+class BatchPart:
     """One process's part of a global batch: the rows every process holds, in rank order."""
 
     world: World
@@ -224,7 +287,7 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def shared(x: torch.Tensor, world: World) -> torch.Tensor:
+def replicated(x: torch.Tensor, world: World) -> torch.Tensor:
     """`x`, computed in full by every process (the text features), for a loss that every
     process computes: its gradient is divided by the world size, so that the sum over the
     processes is the gradient of one process."""

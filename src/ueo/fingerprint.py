@@ -15,7 +15,8 @@ import json
 import os
 from dataclasses import asdict
 
-from ueo.data import AUGMENTATION_DRAWS, ImageSet
+from ueo.data import ImageSet
+from ueo.loader import AUGMENTATION_DRAWS
 from ueo.recipe import Recipe
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}

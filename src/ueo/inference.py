@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ueo.cache import ImageCache
-from ueo.data import BadImages, ImageSet, make_loader
+from ueo.data import ImageSet, MemoryImages
 from ueo.distributed import current_world
+from ueo.loader import BadImages, make_loader
 from ueo.metrics import compute_metrics
 from ueo.model import UeoModel, frozen_weights_in
 from ueo.objectives import mcm_score
@@ -44,8 +45,12 @@ class Outputs:
         return mcm_score(torch.from_numpy(self.cos)).numpy()
 
 
-def workers_of(runtime: Runtime) -> int:
-    return default_workers() if runtime.workers is None else runtime.workers
+def workers_of(runtime: Runtime, images: ImageSet | None = None) -> int:
+    """Loader processes: the runtime's, else one per spare CPU; none by default for images
+    already in memory (nothing to read, and a service calls often)."""
+    if runtime.workers is not None:
+        return runtime.workers
+    return 0 if isinstance(images, MemoryImages) else default_workers()
 
 
 @torch.no_grad()
@@ -81,7 +86,7 @@ def infer(
         model.clip.test_transform(),
         runtime.eval_batch_size,
         False,
-        workers_of(runtime),
+        workers_of(runtime, images),
         device,
         cache=cache,
         rank=world.rank,

@@ -11,42 +11,36 @@ import json
 import logging
 import os
 import shutil
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 from ueo import __version__
-from ueo.api import adapt, discover, evaluate, load_adapted, load_model, predict, save_run
-from ueo.checkpoint import CHECKPOINT_FILE
-from ueo.checks import check_threshold
-from ueo.clip import check_model
-from ueo.data import ImageSet, load_image_set, parse_classes
-from ueo.discovery import DiscoverSettings, Discovery
-from ueo.discovery_files import JSON_FILE, write_discovery
-from ueo.distributed import World, on_main, start_world
-from ueo.errors import UeoError
-from ueo.fingerprint import images_digest, weights_identity
-from ueo.io import (
-    ADAPTER_FILE,
+from ueo.api import AdaptResult, adapt, discover, evaluate, load_adapted, load_model, predict
+from ueo.checks import (
+    check_eval_source,
     check_output_dir,
     check_output_file,
-    load_adapter,
-    write_json,
+    check_resume_overwrite,
+    check_threshold,
 )
-from ueo.names import OOD, normalize_name
+from ueo.clip import check_model
+from ueo.data import ImageSet, load_image_set
+from ueo.discovery.files import JSON_FILE, write_discovery
+from ueo.discovery.groups import Discovery
+from ueo.discovery.settings import DiscoverSettings
+from ueo.discovery.vocabulary import load_vocabulary, without_known
+from ueo.distributed import World, on_main, start_world
+from ueo.errors import UeoError
+from ueo.files import write_json
+from ueo.fingerprint import images_digest, weights_identity
+from ueo.layout import ADAPTER_FILE, CHECKPOINT_FILE, METRICS_FILE
+from ueo.logs import captured_log
+from ueo.names import OOD, normalize_name, parse_classes
+from ueo.provenance import environment
 from ueo.recipe import Recipe, Runtime
-from ueo.runs import (
-    LOG_FILE,
-    METRICS_FILE,
-    is_finished,
-    logged_to,
-    publish,
-    run_record,
-    staging_dir,
-)
-from ueo.runtime import captured_log, checked_runtime
+from ueo.runs import adapt_into, is_finished, load_adapter, publish, staging_dir
+from ueo.runtime import checked_runtime
 from ueo.timing import Clock
-from ueo.vocabulary import load_vocabulary, without_known
 
 log = logging.getLogger("ueo")
 
@@ -76,11 +70,10 @@ def adapt_job(
     """
     recipe = (recipe or Recipe()).validate()
     runtime = checked_runtime(runtime, recipe.precision)
-    world, runtime = _joined(runtime)
+    world, runtime = _in_world(runtime)
     out = check_output_dir(out)
     check_model(model, pretrained)
     on_main(world, lambda: _prepare_run_dir(out, resume, overwrite), "preparing the run folder")
-    staging = staging_dir(out)
     clock = Clock()
     with captured_log() as buffer:
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
@@ -112,31 +105,25 @@ def adapt_job(
                 device=runtime.device,
                 channels_last=runtime.channels_last,
             )
-        if world.main:
-            staging.mkdir(parents=True, exist_ok=True)
-        written = logged_to(staging / LOG_FILE, buffer.getvalue()) if world.main else nullcontext()
-        with written:
+        extra = {"data": str(data), "test_data": test_data and str(test_data)}
+        if unlabeled:
+            extra["unlabeled"] = True
+        if world.size > 1:
+            extra["processes"] = world.size
+
+        def run(staging: Path) -> AdaptResult:
             result = adapt(
                 net, images, recipe, runtime, test=test, checkpoint_dir=staging, resume=resume
             )
             result.timings = {**clock.phases(other=False), **result.timings}
-            extra = {"data": str(data), "test_data": test_data and str(test_data)}
-            if unlabeled:
-                extra["unlabeled"] = True
-            if world.size > 1:
-                extra["processes"] = world.size
-            if not world.main:  # every process holds the result; the main one writes it
-                return run_record(net, result, extra)
-            record = save_run(staging, net, result, extra)
-            log.info("wrote %s (%.1f s)", out, result.wall_time_s)
-    publish(staging, out)
-    return record
+            return result
+
+        return adapt_into(out, net, run, extra, log_header=buffer.getvalue(), writes=world.main)
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path:
     """The staging folder of `out`, after the rules of one run per run folder."""
-    if resume and overwrite:
-        raise UeoError("Give --resume or --overwrite, not both.")
+    check_resume_overwrite(resume, overwrite)
     if out.exists() and not out.is_dir():
         raise UeoError(f"--out {out} is a file; give a folder for the run.")
     if out.is_dir() and not is_finished(out) and any(out.iterdir()):
@@ -223,7 +210,7 @@ def eval_job(
     """`ueo eval`: metrics of an adapter (or, without one, of the zero-shot `model`) on
     labelled `data`."""
     runtime = checked_runtime(runtime)
-    world, runtime = _joined(runtime)
+    world, runtime = _in_world(runtime)
     if out is not None:
         check_output_dir(out)
         if _holds_training_run(Path(out)):
@@ -231,10 +218,9 @@ def eval_job(
                 f"--out {out} holds a training run; write evaluation results to another folder."
             )
     clock = Clock()
+    check_eval_source(bool(adapter), not adapter, bool(model), bool(classes))
     if adapter:
-        if model or classes:
-            raise UeoError("--model and --classes go with --zeroshot; an adapter names its own.")
-        meta = adapter_metadata(adapter, runtime, pretrained)
+        meta = read_usable_adapter(adapter, runtime, pretrained)
         with clock("listing"):
             images = load_image_set(data, meta["class_names"], data_root, progress=runtime.progress)
         require_labels(images, "--data", "ueo eval measures the predictions against them")
@@ -248,10 +234,6 @@ def eval_job(
             "pretrained": net.clip.pretrained,
         }
     else:
-        if not (model and classes):
-            raise UeoError(
-                "A zero-shot evaluation needs --model and --classes (--pretrained: default openai)."
-            )
         pretrained = pretrained or "openai"
         check_model(model, pretrained)
         names = parse_classes(classes) if isinstance(classes, str) else list(classes)
@@ -268,6 +250,7 @@ def eval_job(
     with clock("evaluation"):
         metrics = evaluate(net, images, runtime, precision=precision)
     record = {**source, "data": str(data), "metrics": metrics, "timings_s": clock.phases()}
+    record["environment"] = environment(runtime.device, precision)
     if out and world.main:
         write_json(Path(out) / METRICS_FILE, record)
     return record
@@ -287,10 +270,10 @@ def predict_job(
     """`ueo predict`: one CSV row per readable image; returns counts and the threshold used.
     `unlabeled` reads `images` without labels (`ueo.data.load_image_set`)."""
     runtime = checked_runtime(runtime)
-    world, runtime = _joined(runtime)
+    world, runtime = _in_world(runtime)
     check_threshold(threshold)
     out = check_output_file(out)
-    meta = adapter_metadata(adapter, runtime, pretrained)
+    meta = read_usable_adapter(adapter, runtime, pretrained)
     threshold = threshold if threshold is not None else meta.get("threshold")
     if threshold is None:
         raise UeoError("The adapter stores no threshold; pass --threshold.")
@@ -316,7 +299,9 @@ def predict_job(
     }
 
 
-def adapter_metadata(adapter: str | os.PathLike, runtime: Runtime, pretrained: str | None) -> dict:
+def read_usable_adapter(
+    adapter: str | os.PathLike, runtime: Runtime, pretrained: str | None
+) -> dict:
     """An adapter's metadata once its recipe, model and base weights (or the `pretrained` that
     overrides them) and the runtime's device for its precision are known to be usable; only
     the small adapter file is read."""
@@ -350,7 +335,7 @@ def discover_job(
     settings = (settings or DiscoverSettings()).validate()
     check_threshold(threshold)
     out = _discovery_dir(out)
-    meta = adapter_metadata(adapter, runtime, pretrained)
+    meta = read_usable_adapter(adapter, runtime, pretrained)
     vocab = load_vocabulary(vocabulary)
     candidates = without_known(vocab, meta["class_names"])
     clock = Clock()
@@ -389,6 +374,7 @@ def discover_job(
         "settings": asdict(settings),
         "precision": meta["recipe"]["precision"],
         "timings_s": clock.phases(),  # the job's phases; `timings` splits `discover`
+        "environment": environment(runtime.device, meta["recipe"]["precision"]),
     }
     staging = staging_dir(out)
     if staging.exists():
@@ -398,7 +384,7 @@ def discover_job(
     return found, record
 
 
-def _joined(runtime: Runtime) -> tuple[World, Runtime]:
+def _in_world(runtime: Runtime) -> tuple[World, Runtime]:
     """This process's world (torchrun's, or itself alone) and the runtime on its device."""
     world, device = start_world(runtime.device)
     return world, runtime.replace(device=device)

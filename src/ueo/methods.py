@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ueo.errors import UeoError
 from ueo.names import OOD
@@ -28,7 +28,9 @@ from ueo.objectives import (
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ueo.recipe import Recipe
+# What a method reads its settings from: a `ueo.recipe.Recipe`, not imported (even for type
+# checkers), since recipe.py checks method names against this registry.
+Recipe = Any
 
 TRAIN_MASK = "train"  # a fixed value under this key restricts training to those samples
 ORACLE_EPS = 1e-3  # the reference's oracle weight: 1[known class] + 1e-3

@@ -69,14 +69,14 @@ class UeoModel(nn.Module):
         class_names: list[str],
         n_ctx: int | None = None,
         ctx_init: str = DEFAULT_CTX_INIT,
-        fast: bool = True,
+        bucketing: bool = True,
         seed: int = DEFAULT_SEED,
     ):
         super().__init__()
         self.clip = clip
         self.net = clip.model
         self.prompt = PromptLearner(
-            self.net, clip.tokenizer, class_names, n_ctx, ctx_init, fast, seed
+            self.net, clip.tokenizer, class_names, n_ctx, ctx_init, bucketing, seed
         )
         self.eval()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ueo.io import atomic_write
+from ueo.files import atomic_write
 
 PREDICTION_FIELDS = ("path", "pred", "prob", "mcm", "is_unknown")
 CSV_CHUNK = 65536  # rows turned into Python values at a time

@@ -109,71 +109,48 @@ class PromptLearner(nn.Module):
         class_names: list[str],
         n_ctx: int | None = None,
         ctx_init: str | None = DEFAULT_CTX_INIT,
-        fast: bool = True,
+        bucketing: bool = True,
         seed: int = DEFAULT_SEED,
     ):
         super().__init__()
         self.tower = TextTower(model)
         self.class_names = list(class_names)
-        self.fast = fast
+        self.bucketing = bucketing  # False: always the full-length path (the reference)
         sot, eot = _special_tokens(tokenizer)
         embed = self.tower.token_embedding
         device = embed.weight.device
-
-        if ctx_init:
-            ctx_ids = tokenizer.encode(ctx_init)
-            if n_ctx is not None and n_ctx != len(ctx_ids):
-                raise UeoError(
-                    f"--ctx-init '{ctx_init}' is {len(ctx_ids)} tokens but --n-ctx is {n_ctx}: "
-                    "give matching values, or --ctx-init '' for a random context of n-ctx tokens."
-                )
-            with torch.no_grad():
-                ctx = embed(torch.tensor(ctx_ids, device=device)).clone()
-        else:
-            if not n_ctx:
-                raise UeoError("A random context needs --n-ctx >= 1.")
-            # Drawn from the recipe's seed alone (on the CPU, the same on every device), not
-            # from whatever the global generator holds when the model is built.
-            ctx = torch.empty(n_ctx, embed.weight.shape[1])
-            nn.init.normal_(ctx, std=0.02, generator=torch.Generator().manual_seed(seed))
-            ctx = ctx.to(device)
+        ctx = _initial_context(embed, tokenizer, n_ctx, ctx_init, seed)
         self.ctx = nn.Parameter(ctx.float())
         self.n_ctx = ctx.shape[0]
         self.ctx_init = ctx_init or ""
-
         suffix_ids = [tokenizer.encode(prompt_text(n)) + [eot] for n in self.class_names]
         self.prefix_len = 1 + self.n_ctx
-        lengths = [self.prefix_len + len(s) for s in suffix_ids]
-        limit = self.tower.context_length
-        too_long = [n for n, k in zip(self.class_names, lengths, strict=True) if k > limit]
-        if too_long:
-            raise UeoError(
-                f"Class name(s) too long for the text context of {self.tower.context_length} "
-                f"tokens with {self.n_ctx} context tokens: {', '.join(too_long[:5])}"
-            )
-        self.lengths = lengths
+        self.lengths = lengths = [self.prefix_len + len(s) for s in suffix_ids]
+        self._check_lengths()
         with torch.no_grad():
             self.register_buffer(
                 "sot_embedding", embed(torch.tensor([sot], device=device)).float(), persistent=False
             )
-            # Class tokens padded to full context length, for the reference path.
-            full = torch.zeros(
-                len(suffix_ids),
-                self.tower.context_length - self.prefix_len,
-                dtype=torch.long,
-                device=device,
-            )
-            for i, ids in enumerate(suffix_ids):
-                full[i, : len(ids)] = torch.tensor(ids)
-            self.register_buffer("suffix_embedding", embed(full).float(), persistent=False)
+            suffixes = _padded(suffix_ids, self.tower.context_length - self.prefix_len, device)
+            self.register_buffer("suffix_embedding", embed(suffixes).float(), persistent=False)
         self.register_buffer(
             "eot_index", torch.tensor(lengths, device=device) - 1, persistent=False
         )
-        # Buckets of classes sharing one length: the fast path runs each without padding.
-        self.buckets: list[tuple[int, torch.Tensor]] = []
-        for length in sorted(set(lengths)):
-            idx = [i for i, n_tok in enumerate(lengths) if n_tok == length]
-            self.buckets.append((length, torch.tensor(idx, device=device)))
+        # Buckets of classes sharing one length: the bucketed path runs each without padding.
+        self.buckets = [
+            (length, torch.tensor([i for i, k in enumerate(lengths) if k == length], device=device))
+            for length in sorted(set(lengths))
+        ]
+
+    def _check_lengths(self) -> None:
+        """Every prompt must fit the text tower's context."""
+        limit = self.tower.context_length
+        long = [n for n, k in zip(self.class_names, self.lengths, strict=True) if k > limit]
+        if long:
+            raise UeoError(
+                f"Class name(s) too long for the text context of {limit} tokens with "
+                f"{self.n_ctx} context tokens: {', '.join(long[:5])}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -182,14 +159,14 @@ class PromptLearner(nn.Module):
     def forward(self) -> torch.Tensor:
         """Normalised text features, classes x embed_dim, differentiable w.r.t. `ctx`."""
         if self.bucketed:
-            return F.normalize(self._fast_features(), dim=-1)
+            return F.normalize(self._bucketed_features(), dim=-1)
         return F.normalize(self._truncated_features(), dim=-1)
 
     @property
     def bucketed(self) -> bool:
         """Whether `forward` runs the bucketed, shared-prefix path (on a CPU) rather than one
         call cut at the longest prompt (on an accelerator; see the module docstring)."""
-        return self.fast and self.tower.standard_blocks and self.ctx.device.type == "cpu"
+        return self.bucketing and self.tower.standard_blocks and self.ctx.device.type == "cpu"
 
     def reference_features(self) -> torch.Tensor:
         """The plain computation: full-length prompts through the tower's own transformer."""
@@ -218,7 +195,7 @@ class PromptLearner(nn.Module):
         """Generic exact shortcut: cut every prompt after the longest end-of-text token."""
         return self._run_tower(max(self.lengths))
 
-    def _fast_features(self) -> torch.Tensor:
+    def _bucketed_features(self) -> torch.Tensor:
         t = self.tower
         pos = t.positional_embedding
         prefix = torch.cat([self.sot_embedding, self.ctx.to(self.sot_embedding.dtype)])[None]
@@ -234,6 +211,38 @@ class PromptLearner(nn.Module):
         order = torch.cat([idx for _, idx in self.buckets])
         pooled = pooled[torch.argsort(order)]
         return t.project(t.ln_final(pooled))
+
+
+def _initial_context(
+    embed: nn.Embedding, tokenizer, n_ctx: int | None, ctx_init: str | None, seed: int
+) -> torch.Tensor:
+    """The context's first value: the embedding of `ctx_init`'s tokens, or `n_ctx` random
+    vectors drawn from `seed` alone (on the CPU, the same on every device), not from whatever
+    the global generator holds when the model is built."""
+    device = embed.weight.device
+    if ctx_init:
+        ctx_ids = tokenizer.encode(ctx_init)
+        if n_ctx is not None and n_ctx != len(ctx_ids):
+            raise UeoError(
+                f"--ctx-init '{ctx_init}' is {len(ctx_ids)} tokens but --n-ctx is {n_ctx}: "
+                "give matching values, or --ctx-init '' for a random context of n-ctx tokens."
+            )
+        with torch.no_grad():
+            return embed(torch.tensor(ctx_ids, device=device)).clone()
+    if not n_ctx:
+        raise UeoError("A random context needs --n-ctx >= 1.")
+    ctx = torch.empty(n_ctx, embed.weight.shape[1])
+    nn.init.normal_(ctx, std=0.02, generator=torch.Generator().manual_seed(seed))
+    return ctx.to(device)
+
+
+def _padded(ids: list[list[int]], length: int, device: torch.device) -> torch.Tensor:
+    """Token lists zero-padded to `length`: the class tokens at full context length, for the
+    reference path."""
+    full = torch.zeros(len(ids), length, dtype=torch.long, device=device)
+    for i, row in enumerate(ids):
+        full[i, : len(row)] = torch.tensor(row)
+    return full
 
 
 def _special_tokens(tokenizer) -> tuple[int, int]:

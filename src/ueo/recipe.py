@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from ueo.checks import check_choice, check_float, check_int
 from ueo.errors import UeoError
 from ueo.methods import get_method
 
@@ -26,8 +26,6 @@ NORM_LAYERS = ("reference", "all")
 BAD_IMAGE_POLICIES = ("skip", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 LOG_TARGETS = ("files", "tensorboard")
-K_SELECTIONS = ("silhouette", "gcd")  # how `ueo discover` chooses its number of groups
-DEFAULT_MAX_CLUSTERS = 15
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_SEED = 2023
 MAX_SEED = 2**63 - 1  # torch and numpy generators take any seed up to this
@@ -70,21 +68,21 @@ class Recipe:
                     f"--{name.replace('_', '-')} must be text, not {getattr(self, name)!r}."
                 )
         get_method(self.method)
-        _check_int("epochs", self.epochs, 0)
-        _check_int("batch-size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_float("lr-prompt", self.lr_prompt, FLOAT32_MAX)
-        _check_float("lr-norm", self.lr_norm, FLOAT32_MAX)
-        _check_float("trade", self.trade)
-        _check_choice("augment", self.augment, AUGMENTATIONS)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("norm-layers", self.norm_layers, NORM_LAYERS)
-        _check_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        check_int("epochs", self.epochs, 0)
+        check_int("batch-size", self.batch_size, 1)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_float("lr-prompt", self.lr_prompt, FLOAT32_MAX)
+        check_float("lr-norm", self.lr_norm, FLOAT32_MAX)
+        check_float("trade", self.trade)
+        check_choice("augment", self.augment, AUGMENTATIONS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("norm-layers", self.norm_layers, NORM_LAYERS)
+        check_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         if self.n_ctx is not None:
-            _check_int("n-ctx", self.n_ctx, 1)
-        _check_float("pouf-transport", self.pouf_transport)
-        _check_float("pouf-im", self.pouf_im)
-        _check_int("upl-k", self.upl_k, 1)
+            check_int("n-ctx", self.n_ctx, 1)
+        check_float("pouf-transport", self.pouf_transport)
+        check_float("pouf-im", self.pouf_im)
+        check_int("upl-k", self.upl_k, 1)
         if not self.ctx_init.strip() and self.n_ctx is None:
             raise UeoError("An empty --ctx-init means a random context: give --n-ctx >= 1.")
         return self
@@ -134,11 +132,11 @@ class Runtime:
         if not isinstance(self.device, str) or not self.device.strip():
             raise UeoError("--device must be cpu, cuda, cuda:N or auto.")
         if self.workers is not None:
-            _check_int("workers", self.workers, 0)
-        _check_int("eval-batch-size", self.eval_batch_size, 1)
-        _check_int("eval-every", self.eval_every, 0)
-        _check_choice("on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
-        _check_choice("log", self.log, LOG_TARGETS)
+            check_int("workers", self.workers, 0)
+        check_int("eval-batch-size", self.eval_batch_size, 1)
+        check_int("eval-every", self.eval_every, 0)
+        check_choice("on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        check_choice("log", self.log, LOG_TARGETS)
         if self.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise UeoError(
                 "--log tensorboard needs the tensorboard package: pip install 'ueo[tensorboard]'."
@@ -147,43 +145,3 @@ class Runtime:
 
     def replace(self, **changes) -> Runtime:
         return replace(self, **changes)
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UeoError(f"--{name} must be an integer >= {low}, not {value!r}.")
-    if high is not None and value > high:
-        raise UeoError(f"--{name} must be an integer <= {high}, not {value!r}.")
-
-
-def _check_float(name: str, value, high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UeoError(f"--{name} must be a number, not {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise UeoError(f"--{name} must be a finite number >= 0, not {value!r}.")
-    if high is not None and value > high:
-        raise UeoError(f"--{name} must be at most {high:.4g} (fp32's range), not {value!r}.")
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UeoError(f"--{name} must be one of {', '.join(choices)}, not {value!r}.")
-
-
-@dataclass(frozen=True)
-class DiscoverSettings:
-    """How `ueo discover` forms its groups (ueo.discovery); `clusters` None chooses their
-    number with `k_select`. Plain data, so that the command line checks it before torch."""
-
-    clusters: int | None = None
-    k_select: str = "silhouette"
-    max_clusters: int = DEFAULT_MAX_CLUSTERS
-    seed: int = 0
-
-    def validate(self) -> DiscoverSettings:
-        if self.clusters is not None:
-            _check_int("clusters", self.clusters, 1)
-        _check_int("max-clusters", self.max_clusters, 2)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_choice("k-select", self.k_select, K_SELECTIONS)
-        return self

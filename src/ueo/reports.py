@@ -34,7 +34,7 @@ def metrics_table(record: dict) -> str:
             lines.append(f"{phase + ' ' + name:<22}{cells}")
     scores = record.get("label_free")
     if scores:
-        from ueo.compare import verdict
+        from ueo.diagnose import verdict
 
         lines += ["", label_free_header("label-free, unlabeled", 22)]
         for phase in ("zeroshot", "adapted"):
@@ -63,7 +63,7 @@ def label_free_cells(scores: dict) -> str:
 
 def diagnose_report(result: dict) -> str:
     """`ueo diagnose`: the candidates ranked, which to keep and how sure that is."""
-    from ueo.compare import rank_title
+    from ueo.diagnose import rank_title
 
     width = max(len(c.name) for c in result["ranked"]) + 2
     head = f"{'':<3}{'candidate':<{width}}{'method':<12}{'seed':>6}{'epoch':>6}"
@@ -91,6 +91,8 @@ def diagnose_report(result: dict) -> str:
         )
     else:
         lines.append(f"keep: {what}, the only candidate.")
+    for difference in result.get("differences", []):
+        lines.append(f"note: the runs differ in {difference}")
     for peak in result["peaks"]:
         lines.append(
             f"note: {peak.name} scored higher at epoch {peak.epoch} than at its end; its adapter "

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import random
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -79,40 +76,3 @@ def default_workers() -> int:
     """Data-loading processes when none are asked for: one per spare CPU, at most 4; under
     torchrun, of this process's share of the machine's CPUs."""
     return max(0, min(4, share(available_cpus()) - 1))
-
-
-LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-
-
-@contextlib.contextmanager
-def captured_log(name: str = "ueo") -> Iterator[io.StringIO]:
-    """What `name` and its children log (INFO and up) while the block runs: a run's log.txt."""
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(LOG_FORMAT)
-    logger = logging.getLogger(name)
-    level = logger.level
-    if level == logging.NOTSET or level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield buffer
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def quiet_root_logger() -> Iterator[None]:
-    """Silence open_clip's messages, which go to the root logger (and, with no handler there,
-    make `logging` install one on stderr): ueo says what matters in its own words."""
-    root = logging.getLogger()
-    level = root.level
-    silence = logging.NullHandler()
-    root.addHandler(silence)
-    root.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        root.removeHandler(silence)
-        root.setLevel(level)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from ueo.bench.protocol import SCENARIOS, dataset_info
 from ueo.errors import UeoError
-from ueo.methods import get_method
+from ueo.methods import get_method, method_names
 from ueo.names import normalize_name
 from ueo.recipe import MAX_SEED, Recipe
+
+
+def default_methods() -> list[str]:
+    """Every registered method that needs no labels: what a benchmark compares by default."""
+    return [m for m in method_names() if not get_method(m).needs_labels]
 
 
 def bench_recipe(dataset: str | None, **settings) -> Recipe:
@@ -23,7 +28,7 @@ def bench_recipe(dataset: str | None, **settings) -> Recipe:
 
 def parse_shard(text: str) -> tuple[int, int]:
     """`K/N` -> (K, N): this job runs the K-th of N contiguous parts of the grid, of about
-    equal work (ueo.bench.sweep.plan)."""
+    equal work (ueo.bench.plan.plan)."""
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:

@@ -13,18 +13,19 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ueo.bench.grid import bench_recipe as bench_recipe
+from ueo.bench.cells import status
 from ueo.bench.grid import check_known, check_source
+from ueo.bench.plan import Cell, Suite, Sweep
 from ueo.bench.prepare import prepare_lists
 from ueo.bench.protocol import DATASETS, dataset_info, domain_name
 from ueo.bench.results import write_report
 from ueo.bench.suites import benchmark_suite, folder_suite
-from ueo.bench.sweep import Cell, Suite, Sweep, run_sweep, status
-from ueo.bench.world import World, run_share
-from ueo.data import parse_classes
+from ueo.bench.sweep import run_sweep
+from ueo.bench.world import CellBoard, run_share
+from ueo.checks import check_output_dir
 from ueo.errors import UeoError
-from ueo.io import check_output_dir
-from ueo.runs import METRICS_FILE
+from ueo.layout import METRICS_FILE
+from ueo.names import parse_classes
 
 log = logging.getLogger("ueo")
 
@@ -81,27 +82,28 @@ def bench(
     out: str | os.PathLike,
     title: str | None = None,
     *,
-    world: World | None = None,
+    board: CellBoard | None = None,
     report_only: bool = False,
 ) -> dict:
     """Run the grid and write the report; returns {"results": [...], "missing": [...],
     "files": {...}}.
 
-    In a torchrun `world` (ueo.bench.world) this process computes its share of the missing
-    cells, and rank 0 alone writes the report once every process is done (the others return
-    no results and no files). `report_only`: compute nothing, report on the cells that exist.
-    The report of a shard, or of a grid not yet complete, names the cells still missing.
+    Among torchrun's processes (`board`, ueo.bench.world) this process computes its share of
+    the missing cells, and rank 0 alone writes the report once every process is done (the
+    others return no results and no files). `report_only`: compute nothing, report on the
+    cells that exist. The report of a shard, or of a grid not yet complete, names the cells
+    still missing.
     """
     out = check_output_dir(out)
     sweep.validate()
-    world = world or World()
+    board = board or CellBoard()
     results = None
     if not report_only:
-        if world.size > 1:
-            run_share(suite, sweep, out, world)
+        if board.size > 1:
+            run_share(suite, sweep, out, board)
         else:
             results = run_sweep(suite, sweep, out)
-    if world.rank != 0:
+    if board.rank != 0:
         return {"results": [], "missing": [], "files": {}}
     missing: list[Cell] = []
     if results is None or sweep.shard[1] > 1:

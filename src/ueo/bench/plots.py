@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from ueo.errors import UeoError
-from ueo.io import atomic_write
+from ueo.files import atomic_write
 
 try:
     import matplotlib

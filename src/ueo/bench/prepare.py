@@ -28,7 +28,7 @@ from ueo.bench.protocol import DatasetInfo, class_names, dataset_info, domain_na
 from ueo.checks import check_output_dir
 from ueo.data import IMAGE_EXTENSIONS
 from ueo.errors import UeoError
-from ueo.io import write_text
+from ueo.files import write_text
 
 # Folder names a domain goes by in the different releases of a dataset.
 _FOLDER_NAMES = {"RealWorld": ("RealWorld", "Real_World", "Real World")}

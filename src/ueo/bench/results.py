@@ -22,8 +22,9 @@ from ueo.bench.plots import (
     score_plot,
 )
 from ueo.diagnostics import SCORE_KEYS, SCORES
-from ueo.io import write_json, write_text
+from ueo.files import write_json, write_text
 from ueo.metrics import METRIC_NAMES
+from ueo.provenance import differences as differences_of
 from ueo.reports import fmt
 
 SETS = ("test", "unlabeled")
@@ -119,10 +120,17 @@ def learning_curves(
     return out
 
 
-def markdown(results: list, title: str, metric_set: str = "test", missing: list[str] = ()) -> str:
+def markdown(
+    results: list,
+    title: str,
+    metric_set: str = "test",
+    missing: list[str] = (),
+    differences: list[str] = (),
+) -> str:
     """The paper's layout: per scenario and metric, rows = methods, columns = domains + Avg.
 
-    `missing`: the grid's cells without a result (named under the title)."""
+    `missing`: the grid's cells without a result (named under the title); `differences`: what
+    the cells' software or hardware differ in (ueo.provenance), said under it too."""
     table: dict = defaultdict(list)
     for cell, record in results:
         table[(cell.scenario, cell.method, cell.domain)].append(record["adapted"][metric_set])
@@ -144,6 +152,13 @@ def markdown(results: list, title: str, metric_set: str = "test", missing: list[
         lines += [
             f"**Incomplete**: {len(missing)} of the grid's {len(missing) + len(results)} cells "
             f"have no result yet ({shown}{more}; results.json lists them all).",
+            "",
+        ]
+    if differences:
+        lines += [
+            "**Made with different software or hardware**: "
+            + "; ".join(differences)
+            + " (results.json: `differences`).",
             "",
         ]
     for s in scenarios:
@@ -203,8 +218,12 @@ def write_report(
     data["curves"] = learning_curves(results)
     data["label_free_curves"] = learning_curves(results, "label_free", SCORE_KEYS)
     data["missing"] = missing
+    environments = [record.get("environment") for _, record in results]
+    data["environment"] = environments[0]
+    data["differences"] = differences_of(environments, [cell.name for cell, _ in results])
     written["json"] = write_json(out / "results.json", data)
-    written["md"] = write_text(out / "results.md", markdown(results, title, missing=missing) + "\n")
+    text = markdown(results, title, missing=missing, differences=data["differences"])
+    written["md"] = write_text(out / "results.md", text + "\n")
     (out / "plots").mkdir(exist_ok=True)
     for s in data["mean"]:
         written[f"plot_{s}"] = method_plot(data["mean"], s, out / "plots" / f"{s}.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ueo.bench.grid import check_known
+from ueo.bench.plan import Domain, Suite
 from ueo.bench.protocol import (
     PAPER_SCENARIOS,
     class_names,
@@ -12,7 +13,6 @@ from ueo.bench.protocol import (
     dataset_info,
     scenario_split,
 )
-from ueo.bench.sweep import Domain, Suite
 from ueo.data import OOD, load_image_set
 from ueo.errors import UeoError
 from ueo.names import normalize_name

@@ -2,7 +2,7 @@
 
 A cell is one small adaptation, so the processes never exchange gradients or data: rank 0
 lists the cells still missing, each process takes a contiguous part of them with its share of
-the work (`ueo.bench.sweep.split`) and runs it with `run_sweep` on its own device, and
+the work (`ueo.bench.plan.split`) and runs it with `run_sweep` on its own device, and
 torch.distributed only coordinates, over gloo whatever the device (a few integers and
 strings; gloo's `monitored_barrier` names the processes that do not arrive):
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -30,11 +29,13 @@ from socket import gethostname
 import torch
 import torch.distributed as dist
 
-from ueo.bench.sweep import Cell, Suite, Sweep, plan, run_sweep, shares, status
+from ueo.bench.cells import status
+from ueo.bench.plan import Cell, Suite, Sweep, plan, shares
+from ueo.bench.sweep import run_sweep
 from ueo.cache import ImageCache
-from ueo.distributed import local_cuda
+from ueo.distributed import SINGLE_PROCESS, World, join_world, process_device
 from ueo.errors import UeoError
-from ueo.launch import Launch, check_launch_device, launch_from_env
+from ueo.launch import Launch, launch_from_env
 
 log = logging.getLogger("ueo")
 
@@ -59,31 +60,22 @@ class OtherRankFailed(UeoError):
         self.echo = bool(echo)
 
 
-class World:
-    """This process's rank among the processes of one `ueo bench`, and the torch.distributed
-    store and process group that coordinate them (none for a process alone)."""
+class CellBoard:
+    """The cells of one `ueo bench` among torchrun's processes: this process's place
+    (`ueo.distributed.World`) and, in the launcher's store, which cell each process computes
+    and which failed (no store for a process alone)."""
 
-    def __init__(self, launch: Launch | None = None, store=None):
-        self.launch = launch or Launch()
-        self.store = store
+    def __init__(self, world: World = SINGLE_PROCESS):
+        self.world = world
+        self.store = world.store
 
     @property
     def rank(self) -> int:
-        return self.launch.rank
+        return self.world.rank
 
     @property
     def size(self) -> int:
-        return self.launch.size
-
-    def device(self, device: str) -> str:
-        """Each process's own device: `cuda` and `auto` mean cuda:LOCAL_RANK when there is
-        CUDA; any other device (cpu) is every process's."""
-        if self.size == 1:
-            return device
-        check_launch_device(self.launch, device)
-        if device.strip() not in ("auto", "cuda") or not torch.cuda.is_available():
-            return device
-        return local_cuda(self.launch)
+        return self.world.size
 
     def from_rank0(self, flags: list[bool] | None) -> list[bool]:
         """Rank 0's `flags` on every process (the others pass None, and their length is
@@ -168,56 +160,43 @@ class World:
 
 
 @contextlib.contextmanager
-def joined(launch: Launch | None = None) -> Iterator[World]:
-    """This process's world, from torchrun's variables (`launch_from_env`): alone, or one
-    of a gloo process group, which is left at the end."""
+def cell_board(launch: Launch | None = None) -> Iterator[CellBoard]:
+    """This process's board, from torchrun's variables (`launch_from_env`): alone, or one of
+    a gloo process group (`ueo.distributed.join_world`), which is left at the end."""
     launch = launch or launch_from_env()
     if launch.size == 1:
-        yield World(launch)
+        yield CellBoard()
         return
-    unset = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
-    if unset:
-        raise UeoError(
-            f"WORLD_SIZE={launch.size} needs {' and '.join(unset)} (torchrun sets them)."
-        )
+    world = join_world(launch, "gloo", START_TIMEOUT)
     try:
-        store, rank, size = next(dist.rendezvous("env://"))
-        # Each attempt of a world torchrun restarts (--max-restarts) gets its own keys: the
-        # launcher's store keeps those of the attempt before (the old processes' addresses).
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"attempt{attempt}/", store)
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=size, timeout=START_TIMEOUT
-        )
-    except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UeoError(f"Rank {launch.rank} could not join the other processes: {first}") from None
-    try:
-        yield World(launch, store)
+        yield CellBoard(world)
     finally:
         dist.destroy_process_group()
 
 
-def run_share(suite: Suite, sweep: Sweep, out: Path, world: World) -> None:
+def run_share(suite: Suite, sweep: Sweep, out: Path, board: CellBoard) -> None:
     """Compute this process's share of the grid's missing cells, then wait for the others.
 
     Raises if any process failed (after every process stopped): `UeoError` naming the rank
     and the cell, or this process's own exception when it is not a user error."""
     cells = plan(suite, sweep)
-    todo = world.from_rank0(
-        [not done for _, done in status(suite, sweep, out)] if world.rank == 0 else None
+    todo = board.from_rank0(
+        [not done for _, done in status(suite, sweep, out)] if board.rank == 0 else None
     )
     missing = [c for c, m in zip(cells, todo, strict=True) if m]
-    mine = shares(suite, sweep, missing, world.size)[world.rank]
+    mine = shares(suite, sweep, missing, board.size)[board.rank]
+    device = sweep.runtime.device
+    if board.size > 1:
+        device = process_device(launch_from_env(), device)
     runtime = sweep.runtime.replace(
-        device=world.device(sweep.runtime.device),
-        progress=sweep.runtime.progress and world.rank == 0,
+        device=device,
+        progress=sweep.runtime.progress and board.rank == 0,
     )
     log.info(
         "%d of the %d missing cells for this process (%d processes), on %s",
         len(mine),
         len(missing),
-        world.size,
+        board.size,
         runtime.device,
     )
     finished: list[Cell] = []
@@ -233,25 +212,25 @@ def run_share(suite: Suite, sweep: Sweep, out: Path, world: World) -> None:
             out,
             finished.append,
             cells=mine,
-            before=world.starting,
+            may_start=board.starting,
             images=ImageCache(),
         )
     except KeyboardInterrupt:  # a signal (torchrun passes Ctrl-C on as SIGTERM): leave now
-        world.fail(failed_cell(), "interrupted")
+        board.fail(failed_cell(), "interrupted")
         raise
     except Exception as exc:
         error = exc
         log.error(
             "cell %s failed: %s (the others stop after their current cell)", failed_cell(), exc
         )
-        world.fail(failed_cell(), str(exc).splitlines()[0] if str(exc) else repr(exc))
-    failed, silent = world.finish()
+        board.fail(failed_cell(), str(exc).splitlines()[0] if str(exc) else repr(exc))
+    failed, silent = board.finish()
     if isinstance(error, UeoError):
-        raise UeoError(f"rank {world.rank}, cell {failed_cell()}: {error}; {AFTER}") from None
+        raise UeoError(f"rank {board.rank}, cell {failed_cell()}: {error}; {AFTER}") from None
     if error is not None:
         raise error
     if failed or silent:
         problems = silent + failed
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         # Rank 0 speaks for the processes that could not say it on its terminal.
-        raise OtherRankFailed(f"{problems[0]}{more}; {AFTER}", echo=world.rank == 0 and silent)
+        raise OtherRankFailed(f"{problems[0]}{more}; {AFTER}", echo=board.rank == 0 and silent)

@@ -17,12 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ueo.api import load_adapted
-from ueo.bench.sweep import Cell, Suite, Sweep
-from ueo.discovery import DiscoverSettings, discover, evaluate_discovery
-from ueo.discovery_files import write_discovery
-from ueo.io import write_json
+from ueo.bench.plan import Cell, Suite, Sweep
+from ueo.discovery.files import write_discovery
+from ueo.discovery.groups import discover, evaluate_discovery
+from ueo.discovery.settings import DiscoverSettings
+from ueo.discovery.vocabulary import Vocabulary, without_known
+from ueo.files import write_json
 from ueo.reports import fmt
-from ueo.vocabulary import Vocabulary, without_known
 
 log = logging.getLogger("ueo")
 
@@ -91,7 +92,7 @@ def _discover_cell(suite: Suite, sweep: Sweep, out: Path, cell: Cell, vocabulary
     }
 
 
-def discovery_table(summary: dict) -> str:
+def demo_discovery_table(summary: dict) -> str:
     """One line per cell: rejected images (of unknown classes), k (true k), cluster accuracy,
     NMI, ARI, naming accuracy, and the named groups with their sizes."""
     if not summary.get("cells"):

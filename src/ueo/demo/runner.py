@@ -24,18 +24,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ueo.bench.grid import default_methods
 from ueo.bench.jobs import bench
+from ueo.bench.plan import Domain, Suite, Sweep, plan
 from ueo.bench.plots import histogram_plot, roc_plot
 from ueo.bench.protocol import PAPER_SCENARIOS, custom_scenario_split
-from ueo.bench.sweep import Domain, Suite, Sweep, default_methods, load_scores, plan, run_sweep
+from ueo.bench.scores import load_scores
+from ueo.bench.sweep import run_sweep
+from ueo.checks import check_output_dir
 from ueo.cpus import available_cpus
 from ueo.data import load_image_set
 from ueo.demo import BUNDLED_MODELS
-from ueo.demo.discovery import discovery_table, run_discovery
+from ueo.demo.discovery import demo_discovery_table, run_discovery
 from ueo.demo.processes import part_context
 from ueo.demo.testbed import build_testbed
 from ueo.errors import UeoError
-from ueo.io import check_output_dir
 from ueo.recipe import Recipe, Runtime
 from ueo.reports import fmt
 from ueo.runtime import resolve_device
@@ -209,7 +212,7 @@ def figures(results: list, out: Path) -> dict[str, Path]:
     return files
 
 
-def table(results_json: dict) -> str:
+def results_table(results_json: dict) -> str:
     """The compact terminal table: per scenario, each method's ACC / AUROC / H (test, mean);
     then the discovery's table, if any."""
     lines = [f"{'scenario':<9}{'method':<10}{'ACC':>7}{'AUROC':>8}{'H':>7}{'FPR95':>8}"]
@@ -220,5 +223,5 @@ def table(results_json: dict) -> str:
                 f"{fmt(m['h']):>7}{fmt(m['fpr95']):>8}"
             )
     if results_json.get("discover"):
-        lines.append(discovery_table(results_json["discover"]))
+        lines.append(demo_discovery_table(results_json["discover"]))
     return "\n".join(lines)

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from ueo.clip import register_weights
 from ueo.demo import BUNDLED_MODELS
 from ueo.errors import UeoError
-from ueo.io import atomic_write
-from ueo.runtime import quiet_root_logger
+from ueo.files import atomic_write
+from ueo.logs import quiet_root_logger
 
 BUNDLED = BUNDLED_MODELS
 WEIGHTS_TAG = "bundled"
@@ -112,10 +112,10 @@ def load_bundled(model_name: str) -> torch.nn.Module:
             f"{path} has sha256 {actual} but its recipe file records {expected}: the file is "
             f"corrupt or was replaced. Rebuild it with {_rebuild_command(model_name, path)}."
         )
-    return load_checkpoint(model_name, path)
+    return load_weights(model_name, path)
 
 
-def load_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
+def load_weights(model_name: str, path: Path) -> torch.nn.Module:
     """A tiny model with the weights of `path` (strict, fp32, eval mode); no sha256 check."""
     model = create_tiny_model(model_name)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
@@ -123,7 +123,7 @@ def load_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
+def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write the state dict atomically, FP16_TENSORS in fp16 and the rest as is (see above)."""
     state = {
         k: (v.half() if k in FP16_TENSORS else v).detach().cpu().contiguous()

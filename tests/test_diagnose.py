@@ -9,46 +9,13 @@ from pathlib import Path
 import pytest
 
 from ueo.cli import main
-from ueo.compare import RANK_BY, SURENESS, compare_runs, relative_gap, verdict
+from ueo.diagnose import RANK_BY, SURENESS, compare_runs, relative_gap, verdict
 from ueo.errors import UeoError
-from ueo.jobs import adapt_job
-from ueo.recipe import Recipe, Runtime
 from ueo.reports import metrics_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """UEO and entropy minimisation on the same generated images (bundled tiny model)."""
-    import numpy as np
-    import torch
-    from conftest import CLASSES, make_folder
-
-    root = tmp_path_factory.mktemp("diagnose")
-    make_folder(root / "images")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    runs = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for method in ("ueo", "entmin"):
-            runs[method] = root / "runs" / method
-            adapt_job(
-                runs[method],
-                model="ueo-tiny-rn",
-                pretrained="bundled",
-                data=str(root / "images"),
-                classes=str(root / "classes.txt"),
-                recipe=Recipe(method=method, epochs=3, batch_size=8, lr_prompt=0.02, lr_norm=0.02),
-                runtime=Runtime(device="cpu", workers=0, progress=False, eval_every=1),
-            )
-    finally:
-        torch.set_num_threads(threads)
-    assert np.isfinite(json.loads((runs["ueo"] / "metrics.json").read_text())["threshold"])
-    return root, runs
 
 
 def test_diagnose_keeps_the_best_candidate_by_the_ranking_score(two_runs, capsys):

@@ -40,20 +40,17 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from sklearn.metrics.cluster import contingency_matrix
 from threadpoolctl import threadpool_limits
 
-from ueo.data import BadImages, ImageSet
+from ueo.data import ImageSet
+from ueo.discovery.settings import DiscoverSettings
+from ueo.discovery.vocabulary import Vocabulary, encode_vocabulary
 from ueo.errors import UeoError
 from ueo.inference import Outputs, infer
+from ueo.loader import BadImages
 from ueo.model import UeoModel
 from ueo.names import normalize_name
 from ueo.objectives import LOGIT_SCALE
-from ueo.recipe import (  # re-exported: the settings are plain data, checked without torch
-    DEFAULT_MAX_CLUSTERS as DEFAULT_MAX_CLUSTERS,
-)
-from ueo.recipe import K_SELECTIONS as K_SELECTIONS
-from ueo.recipe import DiscoverSettings as DiscoverSettings
 from ueo.recipe import Runtime
 from ueo.runtime import resolve_device
-from ueo.vocabulary import Vocabulary, encode_vocabulary
 
 log = logging.getLogger("ueo")
 

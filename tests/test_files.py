@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ueo.io import atomic_write, write_text
+from ueo.files import atomic_write, write_text
 
 
 def test_atomic_write_replaces_whole_file_with_usual_mode(tmp_path):

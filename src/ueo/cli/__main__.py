@@ -1,0 +1,7 @@
+"""`python -m ueo.cli`: the `ueo` command."""
+
+import sys
+
+from ueo.cli import main
+
+sys.exit(main())
