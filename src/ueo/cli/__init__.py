@@ -23,6 +23,7 @@ from ueo.cli import (
     diagnose,
     discover,
     evaluate,
+    export,
     models,
     predict,
     prepare,
@@ -30,7 +31,19 @@ from ueo.cli import (
 )
 from ueo.errors import UeoError
 
-COMMANDS = (adapt, evaluate, predict, models, prepare, protocol, bench, discover, demo, diagnose)
+COMMANDS = (
+    adapt,
+    evaluate,
+    predict,
+    export,
+    models,
+    prepare,
+    protocol,
+    bench,
+    discover,
+    demo,
+    diagnose,
+)
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
