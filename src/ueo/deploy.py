@@ -172,19 +172,20 @@ def read_metadata(raw: dict[str, str], where: str) -> dict:
     return meta
 
 
-def exported_model_file(path: str | os.PathLike) -> Path:
-    """`model.onnx` of an export folder, its checksum checked against export.json; or an
-    .onnx file given itself (it carries its own metadata)."""
+def exported_model_file(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """`model.onnx` of an export folder, its checksum checked against export.json, and its
+    precision; or an .onnx file given itself (it carries its own metadata: precision None)."""
     path = Path(path)
     if path.is_file():
-        return path
+        return path, None
     if not path.is_dir():
         raise UeoError(f"Export {path} does not exist.")
     record_file, model_file = path / EXPORT_FILE, path / MODEL_FILE
     if not record_file.is_file() or not model_file.is_file():
         raise UeoError(f"{path} is not an export folder (no {EXPORT_FILE} or {MODEL_FILE}).")
     try:
-        expected = json.loads(record_file.read_text(encoding="utf-8"))["files"][MODEL_FILE]
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        expected, precision = record["files"][MODEL_FILE], record["precision"]
     except (ValueError, KeyError, TypeError) as exc:
         raise UeoError(f"{record_file} is damaged ({type(exc).__name__}: {exc}).") from None
     if file_sha256(model_file) != expected:
@@ -192,7 +193,34 @@ def exported_model_file(path: str | os.PathLike) -> Path:
             f"{model_file} does not match its checksum in {EXPORT_FILE} (the file was changed "
             "or damaged after it was exported)."
         )
-    return model_file
+    return model_file, precision
+
+
+def session_options(precision: str | None, device: str, threads: int | None = None):
+    """onnxruntime's options for a graph of `precision` on `device`.
+
+    Every graph optimisation, but for an fp16 graph on the CPU: onnxruntime 1.32's layout
+    optimisations (level ALL) crash on the fp16 ViT tower there, so it gets level EXTENDED.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or available_cpus()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its notes on graph fusions are not ours
+    if precision != "fp32" and device == "cpu":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return options
+
+
+def _session(model_file: Path, options, providers: list[str]):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model_file), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UeoError(f"onnxruntime cannot load {model_file}: {first}") from None
 
 
 def load_exported(
@@ -208,7 +236,7 @@ def load_exported(
     needs_onnx("onnxruntime")
     import onnxruntime as ort
 
-    model_file = exported_model_file(path)
+    model_file, precision = exported_model_file(path)
     providers = PROVIDERS[device]
     missing = [p for p in providers if p not in ort.get_available_providers()]
     if missing:
@@ -216,15 +244,12 @@ def load_exported(
             f"--device {device} needs onnxruntime's {missing[0]}, which this onnxruntime lacks "
             "(install onnxruntime-gpu for cuda)."
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or available_cpus()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: its notes on graph fusions are not ours
-    try:
-        session = ort.InferenceSession(str(model_file), options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UeoError(f"onnxruntime cannot load {model_file}: {first}") from None
+    if precision is None:  # a bare .onnx file: its metadata first, from an unoptimised session
+        bare = session_options(None, "none", 1)
+        bare.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        peek = _session(model_file, bare, PROVIDERS["cpu"]).get_modelmeta()
+        precision = read_metadata(peek.custom_metadata_map, str(model_file)).get("precision")
+    session = _session(model_file, session_options(precision, device, threads), providers)
     meta = read_metadata(session.get_modelmeta().custom_metadata_map, str(model_file))
     return ExportedModel(
         session,

@@ -51,9 +51,10 @@ def run(args) -> int:
     )
     check = record["self_check"]
     agreed = (
-        f"onnxruntime agrees with torch to {check['max_abs_probs']:.1g} (probabilities)"
+        f"onnxruntime within {check['max_abs_probs']:.1g} of ueo's probabilities on "
+        f"{check['images']} random images"
         if check["checked"]
-        else f"not run against torch: {check['why']}"
+        else f"not checked: {check['why']}"
     )
     print(
         f"{record['model']} with {len(record['class_names'])} classes, {record['precision']}, "
