@@ -106,6 +106,11 @@ def mistakes(t: Path) -> dict[str, list[str]]:
         + ["--out", str(t / "found"), "--clusters", "0"],
         "discover --vocabulary missing": ["discover", "--adapter", afile, "--data", images]
         + ["--out", str(t / "found"), "--vocabulary", str(t / "nowhere.txt")],
+        "export --precision fp64": ["export", "--adapter", afile, "--out", str(t / "e")]
+        + ["--precision", "fp64"],
+        "export --out exists": ["export", "--adapter", afile, "--out", str(t / "images")],
+        "export --adapter missing": ["export", "--adapter", str(t / "nowhere")]
+        + ["--out", str(t / "e")],
     }
 
 
@@ -117,6 +122,7 @@ def unwritable_outs(t: Path) -> dict[str, list[str]]:
         "eval": ["eval", "--zeroshot", "--model", "RN50", "--classes", "a,b", "--data", images],
         "predict": ["predict", "--adapter", afile, "--data", images],
         "discover": ["discover", "--adapter", afile, "--data", images],
+        "export": ["export", "--adapter", afile],
         "bench": ["bench", "--data", images, "--all-classes", "a,b", "--known", "1"],
         "prepare": ["prepare", "office31", "--root", str(t)],
         "demo": ["demo"],
@@ -263,6 +269,8 @@ def closed_output_argv(s: dict) -> dict[str, list[str]]:
         "eval": ["eval", "--adapter", str(s["adapter"]), "--data", s["data"], *fast],
         "predict": ["predict", "--adapter", str(s["adapter"]), "--data", s["data"]]
         + ["--out", str(t / "p.csv"), *fast],
+        "export": ["export", "--adapter", str(s["adapter"]), "--out", str(t / "export")]
+        + ["--overwrite", "--quiet"],
         "models": ["models"],
         "prepare": ["prepare", "office31", "--root", str(t / "office31"), "--domains", "dslr"]
         + ["--out", str(t / "lists")],
