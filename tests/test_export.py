@@ -126,8 +126,16 @@ def test_pillow_pixels_are_the_test_transforms(size):
     image, the centre crop's rounding: bit for bit torchvision's on PIL images."""
     split = split_transform(clip_test_transform(size))
     rng = np.random.default_rng(size)
-    shapes = [(size, size), (size + 1, size), (33, 31), (1, 500), (500, 1), (17, 64)]
-    shapes += [(1000, 999), (225, 224), (100, 37), (3, 3), (641, 479), (size, 3 * size + 1)]
+    shapes = [(size, size), (size + 1, size), (size + 3, size), (33, 31), (1, 500), (500, 1)]
+    shapes += [
+        (17, 64),
+        (1000, 999),
+        (225, 224),
+        (100, 37),
+        (3, 3),
+        (641, 479),
+        (size, 3 * size + 1),
+    ]
     for w, h in shapes:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         want = split.pixels(img).numpy()
