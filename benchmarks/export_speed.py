@@ -25,6 +25,7 @@ in a fresh process (imports and model loading included).
     python benchmarks/export_speed.py --demo runs/demo --demo runs/demo-vit --threads 2
     python benchmarks/export_speed.py --models ueo-tiny-rn,ueo-tiny-vit,RN50 --own 256
     python benchmarks/export_speed.py --models ViT-B-16 --own 64 --no-speed
+    python benchmarks/export_speed.py --demo runs/demo --precision fp16 --no-speed
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ CLASSES = ("red square", "green circle", "blue stripes", "yellow cross", "purple
 UNKNOWN = ("grey noise", "orange blob")
 TINY = ("ueo-tiny-rn", "ueo-tiny-vit")
 BAD_FILES = ("truncated.png", "text.jpg")  # unreadable files among the generated images
-TESTBED_LISTS = Path.home() / ".cache" / "ueo" / "testbed-v1"
 
 
 # --- the images ---------------------------------------------------------------------------------
@@ -243,7 +243,14 @@ def timed(argv: list[str], env: dict) -> float:
 
 
 def run_case(
-    label: str, adapter: Path, data: str, root: str | None, work: Path, threads: int, speed: bool
+    label: str,
+    adapter: Path,
+    data: str,
+    root: str | None,
+    work: Path,
+    threads: int,
+    speed: bool,
+    precision: str = "fp32",
 ) -> dict:
     """Export, then both commands on the same images; their answers and their speed."""
     from ueo.data import load_image_set
@@ -255,7 +262,7 @@ def run_case(
     work.mkdir(parents=True, exist_ok=True)
     export = work / "export"
     start = time.perf_counter()
-    record = export_adapter(adapter, export, overwrite=True)
+    record = export_adapter(adapter, export, overwrite=True, precision=precision)
     export_s = time.perf_counter() - start
     threshold = record["threshold"]
     ours, theirs = work / "deploy.csv", work / "predict.csv"
@@ -265,7 +272,8 @@ def run_case(
     predict_argv += ["--data", data, "--out", str(theirs), "--quiet", "--device", "cpu"]
     deploy_argv = [sys.executable, "-m", "ueo.deploy", str(export), data, "--out", str(ours)]
     deploy_argv += ["--quiet", "--threads", str(threads)]
-    result = {"case": label, "model": record["model"], "export_s": round(export_s, 2)}
+    result = {"case": label, "model": record["model"], "precision": precision}
+    result["export_s"] = round(export_s, 2)
     result["self_check"] = record["self_check"]
     wall = {"predict": timed(predict_argv + root_args, env)}
     wall["deploy"] = timed(deploy_argv + root_args, env)
@@ -297,11 +305,13 @@ def run_case(
 def demo_cases(demo: Path) -> list[tuple[str, Path, str, str]]:
     """The UEO runs of ODA and OPDA in every domain of a `ueo demo` folder, with the test list
     of their domain."""
-    cases = []
+    from ueo.demo.testbed import default_root
+
+    testbed, cases = default_root(), []
     for run in sorted(demo.glob("runs/*/O*DA/ueo/seed*")):
         domain = run.parts[-4]
-        lists = TESTBED_LISTS / "lists" / f"{domain}_test.txt"
-        cases.append((f"{demo.name}/{domain}/{run.parts[-3]}", run, str(lists), None))
+        lists = testbed / "lists" / f"{domain}_test.txt"
+        cases.append((f"{demo.name}/{domain}/{run.parts[-3]}", run, str(lists), str(testbed)))
     if not cases:
         raise SystemExit(f"No UEO runs of ODA or OPDA under {demo}/runs.")
     return cases
@@ -314,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--own", type=int, default=256, help="images of the generated folder")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of both")
     p.add_argument("--no-speed", action="store_true", help="answers only, no timed passes")
+    p.add_argument("--precision", default="fp32", help="of the export: fp32 or fp16")
     p.add_argument("--work", default=None, help="where to write (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="one JSON line per case")
     args = p.parse_args(argv)
@@ -329,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append((f"own/{name}", adapter, str(images), None))
         rows = []
         for label, adapter, data, root in cases:
-            row = run_case(
-                label, adapter, data, root, work / "cases" / label, args.threads, not args.no_speed
-            )
+            where = work / "cases" / label
+            speed = not args.no_speed
+            row = run_case(label, adapter, data, root, where, args.threads, speed, args.precision)
             rows.append(row)
             print(json.dumps(row) if args.json else _line(row), flush=True)
     return 0
@@ -345,7 +356,8 @@ def _line(row: dict) -> str:
             f"  wall predict {row['predict_wall_s']} s deploy {row['deploy_wall_s']} s"
         )
     return (
-        f"{row['case']}: {row['rows']}/{row['images']} rows, pred differ {row['pred_differ']}, "
+        f"{row['case']} ({row['precision']}): {row['rows']}/{row['images']} rows, "
+        f"pred differ {row['pred_differ']}, "
         f"unknown differ {row['unknown_differ']} (near threshold {row['near_threshold_differ']}), "
         f"|prob| {row['max_abs_prob']:.2g}, |mcm| {row['max_abs_mcm']:.2g}, "
         f"open_clip |cos| {row['open_clip_max_abs_cos']:.2g}{speed}"

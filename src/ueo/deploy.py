@@ -208,6 +208,9 @@ def session_options(precision: str | None, device: str, threads: int | None = No
     options.intra_op_num_threads = threads or available_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: its notes on graph fusions are not ours
+    # Threads that sleep while they wait, as ueo asks of OpenMP (OMP_WAIT_POLICY=PASSIVE):
+    # spinning ones take the CPU from the threads reading the next batch.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if precision != "fp32" and device == "cpu":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return options
