@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -383,6 +384,18 @@ def test_out_rules_and_option_values(exported, tmp_path, capsys):
     assert "--precision must be one of fp32, fp16, not 'fp64'" in one_line(capsys)
 
 
+def test_without_the_deploy_extra_export_says_what_to_install(
+    exported, tmp_path, monkeypatch, capsys
+):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a)
+    )
+    run = str(exported["ueo-tiny-rn"]["run"])
+    assert main(["export", "--adapter", run, "--out", str(tmp_path / "x")]) == 2
+    assert "onnx is not installed: pip install 'ueo[deploy]'" in one_line(capsys)
+
+
 def test_overwrite_replaces_an_export_whole_and_a_failure_keeps_the_earlier(
     exported, tmp_path, monkeypatch, capsys
 ):
@@ -426,6 +439,13 @@ def test_the_runners_mistakes_are_one_line(exported, images, tmp_path, capsys):
     assert "does not match its checksum" in one_line(capsys, prefix)
     assert deploy_main([str(out), str(images), *csv_out, "--on-bad-image", "error", "--quiet"]) == 2
     assert "Unreadable image: " in one_line(capsys, prefix)
+    assert deploy_main([str(out), str(images), *csv_out, "--device", "tpu"]) == 2
+    assert "--device must be one of cpu, cuda, not 'tpu'" in one_line(capsys, prefix)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert deploy_main([str(out), str(images), *csv_out, "--device", "cuda"]) == 2
+        assert "needs onnxruntime's CUDAExecutionProvider" in one_line(capsys, prefix)
     assert not (tmp_path / "p.csv").exists()
 
 

@@ -65,7 +65,11 @@ RESIZE_RULE = (
 )
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
+# onnxruntime's providers per --device: the first must be there; the CPU takes what CUDA lacks.
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 BAD_IMAGE_POLICIES = ("skip", "error")
 DEFAULT_BATCH = 64
 HASH_BLOCK = 1 << 20
@@ -102,8 +106,9 @@ def needs_onnx(*modules: str) -> None:
     without importing them)."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
+        verb = "is" if len(missing) == 1 else "are"
         raise UeoError(
-            f"{' and '.join(missing)} not installed: pip install 'ueo[deploy]' "
+            f"{' and '.join(missing)} {verb} not installed: pip install 'ueo[deploy]' "
             f"(or pip install {' '.join(missing)})."
         )
 
@@ -241,11 +246,10 @@ def load_exported(
 
     model_file, precision = exported_model_file(path)
     providers = PROVIDERS[device]
-    missing = [p for p in providers if p not in ort.get_available_providers()]
-    if missing:
+    if providers[0] not in ort.get_available_providers():
         raise UeoError(
-            f"--device {device} needs onnxruntime's {missing[0]}, which this onnxruntime lacks "
-            "(install onnxruntime-gpu for cuda)."
+            f"--device {device} needs onnxruntime's {providers[0]}, which this onnxruntime "
+            "lacks (install onnxruntime-gpu for cuda)."
         )
     if precision is None:  # a bare .onnx file: its metadata first, from an unoptimised session
         bare = session_options(None, "none", 1)

@@ -22,6 +22,7 @@ ueo's own forward pass (`SELF_CHECK`); a graph that disagrees is not published.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -217,8 +218,6 @@ def _write_export(
 def _half_copy(net: nn.Module) -> nn.Module:
     """The network with its image tower in fp16 (a copy: the fp32 one is still exported as
     open_clip weights and checked against)."""
-    import copy
-
     half = copy.deepcopy(net)
     half.visual.half()
     return half
