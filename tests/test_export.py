@@ -36,7 +36,7 @@ from ueo.demo.zoo import bundled_checkpoint
 from ueo.deploy import load_exported, pixels, predict_files
 from ueo.deploy import main as deploy_main
 from ueo.errors import UeoError
-from ueo.export import export_adapter
+from ueo.export import export_adapter, open_clip_config
 from ueo.images import open_rgb
 from ueo.inference import infer
 from ueo.jobs import adapt_job, predict_job
@@ -280,6 +280,24 @@ def test_plain_open_clip_gives_ueos_cosines(name, exported, plain_open_clip):
         text = model.text_features()
     head = load_file(str(folder / "head.safetensors"))["text_features"]
     assert torch.allclose(head, text, atol=1e-6)
+
+
+def test_the_config_says_quick_gelu_when_the_network_has_it(tmp_path):
+    """OpenAI's weights by tag are built with QuickGELU, which a plain config would not give:
+    the exported config builds the activation the network had (read by open_clip as a
+    `local-dir:` folder: nothing added to its registry of names)."""
+    import open_clip
+
+    for quick in (False, True):
+        net = open_clip.create_model("test-tiny-vit", pretrained=None, force_quick_gelu=quick)
+        config = open_clip_config(net, "test-tiny-vit")
+        assert config.get("quick_gelu", False) is quick
+        folder = tmp_path / str(quick)
+        folder.mkdir()
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+        again = open_clip.create_model(f"local-dir:{folder}")
+        acts = {type(m).__name__ for m in again.modules()} & {"QuickGELU", "GELU"}
+        assert acts == {"QuickGELU" if quick else "GELU"}
 
 
 # --- no torch -----------------------------------------------------------------------------------
