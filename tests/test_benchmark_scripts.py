@@ -236,3 +236,53 @@ def test_discover_cost_measures_its_three_parts(tmp_path, capsys):
     assert record["names"] == 30 and record["images"] == 200 and 2 <= record["k"] <= 15
     for key in ("encode_s", "cached_read_s", "image_pass_s", "groups_s"):
         assert record[key] > 0
+
+
+def test_scaling_runs_each_command_and_tables_its_growth(tmp_path):
+    """benchmarks/scaling.py's pieces on 36 images: the tree, the DomainNet-shaped lists, a
+    child of every command (in this process) and the table's growth column."""
+    import scaling
+
+    classes = scaling.known_classes()
+    images = scaling.build(tmp_path, 36, classes)
+    assert len(list(images.rglob("*.png"))) == 36 and (tmp_path / "n36" / "complete").is_file()
+    scaling.make_adapter(tmp_path, classes, n=36)
+    rows = [scaling.child(c, 36, tmp_path, tmp_path) for c in scaling.COMMANDS]
+    for row in rows:
+        assert row["images"] == 36 and row["total_s"] >= row["fixed_s"] >= 0, row
+        assert row["listing_s"] is not None and row["peak_rss_mb"] >= row["peak_private_mb"] > 0
+    lists = tmp_path / "n36" / "domainnet-lists"
+    listed = sum(len(p.read_text().splitlines()) for p in lists.glob("*_t*.txt"))
+    assert listed == 36 and len(list(lists.glob("*.txt"))) == 12
+    bigger = [{**r, "images": 72, "per_image_part_s": 4 * r["per_image_part_s"]} for r in rows]
+    table = scaling.table(rows + bigger)
+    assert table.count("| 2.00 |") == len(scaling.COMMANDS)  # twice the time per image
+
+
+def test_distributed_tolerance_compares_two_runs(tmp_path):
+    """The comparison of benchmarks/distributed_tolerance.py: a run against itself and
+    against a run whose tensor moved."""
+    import shutil
+
+    import distributed_tolerance
+    import numpy as np
+    from conftest import untrained_run
+    from safetensors.numpy import load_file, save_file
+
+    run = untrained_run(tmp_path)["adapter"]
+    same = distributed_tolerance.compare(run, run)
+    assert same == {
+        "max_abs": 0.0,
+        "max_rel": 0.0,
+        "metrics_equal": True,
+        "max_metric_diff": 0.0,
+        "threshold_diff": 0.0,
+    }
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    tensors = load_file(str(moved / "adapter.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + np.float32(1e-3)
+    save_file(tensors, str(moved / "adapter.safetensors"))
+    assert distributed_tolerance.compare(run, moved)["max_abs"] == pytest.approx(1e-3, rel=1e-3)
+    assert len(list(distributed_tolerance.make_images(tmp_path / "img").rglob("*.png"))) == 64
