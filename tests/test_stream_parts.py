@@ -71,7 +71,9 @@ def test_list_lines_with_and_without_labels_and_domains():
 
 
 def test_a_line_of_another_kind_is_one_line():
-    with pytest.raises(UeoError, match=r"standard input:2: 'y.png' is not .*\('path label domain'\)"):
+    with pytest.raises(
+        UeoError, match=r"standard input:2: 'y.png' is not .*\('path label domain'\)"
+    ):
         entries("x.png 1 blur\ny.png\n")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import math
 import os
@@ -235,21 +236,26 @@ def run_stream(
 def stream_identity(
     model: UeoModel, settings: StreamSettings, data: str, data_root: str | None, unlabeled: bool
 ) -> dict:
-    """What a resumed stream must have been started with (the images aside: their digest)."""
+    """What a resumed stream must have been started with (the images aside: their digest),
+    as plain JSON (ueo.fingerprint.describe_changes names what differs by its option)."""
     clip = model.clip
-    stream = asdict(settings)
-    stream.pop("recipe")
-    return {
-        "recipe": asdict(settings.step_recipe),
-        "stream": stream,
+    recipe = asdict(settings.step_recipe)
+    del recipe["method"]  # --method says it (TDA's recipe says zeroshot)
+    identity = {
+        "--method": settings.method,
+        "--reset": settings.reset,
+        "--threshold": settings.threshold,
+        "recipe": recipe,
+        "tda": asdict(settings.tda),
         "model": clip.model_name,
         "pretrained": clip.pretrained,
         "weights": weights_identity(clip.model_name, clip.pretrained),
         "class_names": list(model.class_names),
-        "data": str(data),
-        "data_root": data_root and str(data_root),
-        "unlabeled": unlabeled,
+        "--data": str(data),
+        "--data-root": data_root and str(data_root),
+        "--unlabeled": unlabeled,
     }
+    return json.loads(json.dumps(identity))  # tuples as lists, as a checkpoint reads them
 
 
 @dataclass
@@ -453,11 +459,16 @@ class StreamRun:
                 f"{self.csv_bytes} bytes): start over with --overwrite."
             )
         os.truncate(self.csv_path, self.csv_bytes)
-        digest = self._replay(entries, meta["rows"])
+        digest, matched = self._replay(entries)
         if digest.hex() != meta["digest"]:
             raise UeoError(
                 f"The first {self.consumed} images of --data are not those the interrupted "
                 "stream read: resume with the same --data (on standard input, the same list)."
+            )
+        if not matched or self.rows != meta["rows"]:
+            raise UeoError(
+                f"{self.csv_path} does not hold the rows its checkpoint covers: start over "
+                "with --overwrite."
             )
         self.digest = digest
         log.info(
@@ -468,9 +479,10 @@ class StreamRun:
             self.engine.batches,
         )
 
-    def _replay(self, entries: Iterator[Entry], rows: int) -> bytes:
+    def _replay(self, entries: Iterator[Entry]) -> tuple[bytes, bool]:
         """Read the entries the checkpoint covers again (not decoding them), matching each
-        row of the cut CSV to its entry for the online columns; their digest."""
+        row of the cut CSV to its entry for the online columns; their digest, and whether
+        every row found its entry."""
         digest = START
         with open(self.csv_path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
@@ -488,12 +500,7 @@ class StreamRun:
                     self._record([self.index[row[1]]], [float(row[3])], [entry.label], entry)
                     self.flagged += row[4] == "True"
                     row = next(reader, None)
-        if row is not None or self.rows != rows:
-            raise UeoError(
-                f"{self.csv_path} does not hold the rows its checkpoint covers: start over "
-                "with --overwrite."
-            )
-        return digest
+        return digest, row is None
 
     def _record(self, pred, mcm, labels, entry_or_domain) -> None:
         """Rows' values for the online metrics (a segment starts where the domain changes)."""
@@ -646,9 +653,10 @@ class StreamRun:
             "method": engine.settings.method,
             "batch_size": engine.settings.batch_size,
             "reset": engine.settings.reset,
-            "stream": self.identity["stream"],
+            "threshold_option": engine.settings.threshold,
+            "tda": asdict(engine.settings.tda) if engine.settings.method == "tda" else None,
             "recipe": asdict(engine.recipe),
-            "data": self.identity["data"],
+            "data": self.identity["--data"],
             "images": rows,
             "batches": engine.batches,
             "skipped_images": self.skipped,
