@@ -23,7 +23,6 @@ from ueo.launch import check_launch_device, launch_from_env
 from ueo.logs import setup_logging
 from ueo.names import parse_classes
 from ueo.recipe import BAD_IMAGE_POLICIES, Recipe, Runtime
-from ueo.reports import fmt
 from ueo.stream.settings import DEFAULT_CHECKPOINT_EVERY, RESETS, StreamSettings, stream_methods
 
 
@@ -114,6 +113,7 @@ def check(args) -> None:
 
 def run(args) -> int:
     use_available_cpus()
+    from ueo.reports import fmt
     from ueo.stream.run import stream_job
 
     setup_logging(args.quiet)

@@ -10,45 +10,35 @@ again on resume (without being decoded) and must be the same, checked by a chain
 their paths, labels and domains. At the end, `adapter.safetensors` (the final state, usable by
 `predict`, `eval` and `export`) and `metrics.json` (throughput, latency, the online metrics)
 are written atomically and the checkpoint removed.
-
-Images are read and decoded by a thread one batch ahead of the model, so that decoding
-overlaps the device's work; a standard input that pauses pauses the stream, and what has
-arrived is answered once a batch is full (or the input ends).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
 import os
-import queue
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ueo import __version__
 from ueo.adaptation import AdaptResult
 from ueo.api import load_model
-from ueo.cache import Split
 from ueo.checkpoint import Interrupted, check_identity, load_checkpoint, save_checkpoint
 from ueo.checks import check_data, check_int, check_output_dir, check_resume_overwrite
 from ueo.clip import check_model
 from ueo.errors import UeoError
 from ueo.files import write_json
 from ueo.fingerprint import weights_identity
-from ueo.images import open_rgb
 from ueo.launch import launch_from_env
 from ueo.layout import ADAPTER_FILE, CHECKPOINT_FILE, LOG_FILE, METRICS_FILE
 from ueo.loader import BadImages
@@ -62,6 +52,7 @@ from ueo.recipe import Runtime
 from ueo.runs import build_adapter_metadata, save_adapter
 from ueo.runtime import checked_runtime
 from ueo.stream.online import OnlineStream
+from ueo.stream.reader import START, ReadBatch, Reader, chain
 from ueo.stream.settings import DEFAULT_CHECKPOINT_EVERY, StreamSettings
 from ueo.stream.source import Entry, stream_entries
 from ueo.training import _stop_on_signals
@@ -72,8 +63,6 @@ PREDICTIONS_FILE = "predictions.csv"
 CSV_FIELDS = (*PREDICTION_FIELDS, "batch")
 STREAM_FILES = {PREDICTIONS_FILE, CHECKPOINT_FILE, ADAPTER_FILE, METRICS_FILE, LOG_FILE}
 THRESHOLD_RULE = "otsu(MCM scores of the stream's rows as they were made)"
-START = b"\0" * 32  # the digest of no image read
-READ_AHEAD = 2  # batches the reading thread may hold ready
 
 
 def stream_job(
@@ -256,114 +245,6 @@ def stream_identity(
         "--unlabeled": unlabeled,
     }
     return json.loads(json.dumps(identity))  # tuples as lists, as a checkpoint reads them
-
-
-@dataclass
-class ReadBatch:
-    """What the reading thread hands over: the readable images of consecutive entries."""
-
-    pixels: torch.Tensor | None  # uint8, N x 3 x H x W; None when none could be read
-    paths: list[str]
-    labels: np.ndarray
-    domain: str | None
-    entries: int  # entries of the source it covers, readable or not
-    digest: bytes  # the chained digest after its last entry
-    bad: list[str]  # "path: reason" of its unreadable images
-    read_at: float  # when its last entry arrived (time.perf_counter)
-
-
-def chain(digest: bytes, entry: Entry) -> bytes:
-    """The digest of the entries read so far, one more entry read."""
-    return hashlib.sha256(digest + entry.key()).digest()
-
-
-class Reader:
-    """A thread that reads the entries and decodes them into batches of `size` readable
-    images (ending early where the domain changes), one batch or two ahead of the model."""
-
-    def __init__(self, entries: Iterator[Entry], size: int, split: Split, digest: bytes):
-        self.entries, self.size, self.split, self.digest = entries, size, split, digest
-        self.ready: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._read, name="ueo-stream-reader", daemon=True)
-        self.thread.start()
-
-    def get(self, stop: dict) -> ReadBatch | BaseException | None:
-        """The next batch, an error of the reading, None at the end or when `stop` says a
-        signal came while waiting."""
-        while True:
-            try:
-                item = self.ready.get(timeout=0.1)
-            except queue.Empty:
-                if stop["signal"] is not None:
-                    return None
-                continue
-            return None if item is StopIteration else item
-
-    def close(self) -> None:
-        self.closed.set()
-
-    def _put(self, item) -> None:
-        while not self.closed.is_set():
-            try:
-                self.ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _read(self) -> None:
-        digest, batch = self.digest, _Filling()
-        try:
-            for entry in self.entries:
-                if batch.entries and entry.domain != batch.domain:
-                    self._put(batch.done(digest))
-                    batch = _Filling()
-                batch.domain = entry.domain
-                batch.entries += 1
-                digest = chain(digest, entry)
-                read_at = time.perf_counter()
-                try:
-                    pixels = self.split.pixels(open_rgb(entry.path))
-                except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-                    batch.bad.append(f"{entry.path}: {exc}")
-                else:
-                    batch.add(entry, pixels)
-                batch.read_at = read_at
-                if len(batch.paths) == self.size:
-                    self._put(batch.done(digest))
-                    batch = _Filling()
-                if self.closed.is_set():
-                    return
-            if batch.entries:
-                self._put(batch.done(digest))
-            self._put(StopIteration)
-        except BaseException as exc:  # handed to the main thread, which raises it
-            self._put(exc)
-
-
-class _Filling:
-    """A batch the reader is filling."""
-
-    def __init__(self):
-        self.paths: list[str] = []
-        self.labels: list[int] = []
-        self.pixels: list[torch.Tensor] = []
-        self.bad: list[str] = []
-        self.domain: str | None = None
-        self.entries = 0
-        self.read_at = 0.0
-
-    def add(self, entry: Entry, pixels: torch.Tensor) -> None:
-        self.paths.append(entry.path)
-        self.labels.append(entry.label)
-        self.pixels.append(pixels)
-
-    def done(self, digest: bytes) -> ReadBatch:
-        pixels = torch.stack(self.pixels) if self.pixels else None
-        labels = np.array(self.labels, dtype=np.int64)
-        return ReadBatch(
-            pixels, self.paths, labels, self.domain, self.entries, digest, self.bad, self.read_at
-        )
 
 
 class Column:
