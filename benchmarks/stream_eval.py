@@ -55,6 +55,7 @@ METRICS = ("acc", "auroc", "h", "fpr95")
 @dataclass
 class Stream:
     name: str
+    slug: str  # its folder
     scenario: str
     known: list[str]
     list_file: Path
@@ -85,7 +86,8 @@ def streams(suite, out: Path, domains: list[str], limit: int | None) -> list[Str
                 unlabeled = unlabeled.subset(np.sort(pick))
             path = out / "lists" / f"{domain}_{scenario}.txt"
             write_list(path, [(None, unlabeled)], len(known))
-            found.append(Stream(f"{domain}/{scenario}", scenario, known, path, [domain]))
+            name = f"{domain}/{scenario}"
+            found.append(Stream(name, f"{domain}_{scenario}", scenario, known, path, [domain]))
             if scenario == "ODA":
                 continual.append((domain, unlabeled))
     if len(continual) > 1:
@@ -93,15 +95,15 @@ def streams(suite, out: Path, domains: list[str], limit: int | None) -> list[Str
         known = suite.scenario_sets(suite.domains[0], "ODA")[0]
         write_list(path, continual, len(known))
         name = "continual " + " -> ".join(d for d, _ in continual)
-        found.append(Stream(name, "ODA", known, path, [d for d, _ in continual]))
+        domains = [d for d, _ in continual]
+        found.append(Stream(name, "continual_ODA", "ODA", known, path, domains))
     return found
 
 
 def run_one(model, zero, stream: Stream, method: str, batch: int, out: Path) -> dict:
     """One stream through the model from its zero-shot state; metrics.json's record."""
     model.load_adapter_state(zero)
-    folder = out / "streams" / stream.name.replace("/", "_").replace(" ", "_") / method
-    folder = folder / f"b{batch}"
+    folder = out / "streams" / stream.slug / method / f"b{batch}"
     prepare_folder(folder, resume=False, overwrite=True)
     recipe = DEMO_RECIPE.replace(method="ueo")
     settings = StreamSettings(method=method, batch_size=batch, recipe=recipe)
@@ -202,63 +204,100 @@ def speed(lists: list[Path], known: list[str], out: Path, repeats: int) -> dict:
     }
 
 
+def row(label: str, metrics: dict, extra: str = "") -> str:
+    return f"{label:<24}" + "".join(f"{fmt(metrics[k]):>7}" for k in METRICS) + extra
+
+
+HEAD = f"{'':24}{'ACC':>7}{'AUROC':>7}{'H':>7}{'FPR95':>7}"
+TIMES = f"{'img/s':>8}{'latency ms':>15}"
+
+
+def timing(r: dict) -> str:
+    lat = r["latency_s"]
+    return f"{r['images_per_s']:>8.0f}{1000 * lat['median']:>8.1f} {1000 * lat['p95']:>6.1f}"
+
+
 def table(results: list[dict]) -> str:
-    """Per stream: each method and batch size, then offline UEO, in percent."""
-    lines = []
-    head = (
-        f"{'stream':34}{'method':12}{'B':>4}{'ACC':>7}{'AUROC':>7}{'H':>7}{'FPR95':>7}{'img/s':>8}"
-    )
+    """Per stream: each method and batch size (images/s; latency per batch, median and 95th
+    percentile), then offline UEO, in percent."""
+    blocks = []
     for name in dict.fromkeys(r["stream"] for r in results):
-        lines += ["", head]
         rows = [r for r in results if r["stream"] == name]
-        for r in rows:
-            m = r["online"]
-            lines.append(
-                f"{name:34}{r['method']:12}{r['batch']:>4}"
-                + "".join(f"{fmt(m[k]):>7}" for k in METRICS)
-                + f"{r['images_per_s']:>8.0f}"
-            )
-        off = rows[0]["offline"]
-        if off:
+        lines = [f"{name} ({rows[0]['images']} images)", HEAD + TIMES]
+        lines += [row(f"{r['method']} B={r['batch']}", r["online"], timing(r)) for r in rows]
+        if rows[0]["offline"]:
             for split in ("unlabeled", "test"):
-                lines.append(
-                    f"{name:34}{'offline ueo':12}{split[:4]:>4}"
-                    + "".join(f"{fmt(off[split][k]):>7}" for k in METRICS)
-                )
-    return "\n".join(lines[1:])
+                lines.append(row(f"offline ueo ({split})", rows[0]["offline"][split]))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def mean_table(results: list[dict]) -> str:
-    """The mean of the per-domain streams of each scenario."""
-    lines = [f"{'scenario':9}{'method':12}{'B':>4}{'ACC':>7}{'AUROC':>7}{'H':>7}{'FPR95':>7}"]
+    """Per scenario, the mean over the per-domain streams; images/s over all of them."""
+    blocks = []
     for scenario in SCENARIOS:
         rows = [r for r in results if r["scenario"] == scenario and not r["continual"]]
-        for key in dict.fromkeys((r["method"], r["batch"]) for r in rows):
-            chosen = [r["online"] for r in rows if (r["method"], r["batch"]) == key]
-            means = [np.mean([c[k] for c in chosen]) for k in METRICS]
-            lines.append(
-                f"{scenario:9}{key[0]:12}{key[1]:>4}" + "".join(f"{fmt(v):>7}" for v in means)
-            )
+        if not rows:
+            continue
+        lines = [
+            f"{scenario}: mean of {len({r['stream'] for r in rows})} domains",
+            HEAD + "   img/s",
+        ]
+        for method, batch in dict.fromkeys((r["method"], r["batch"]) for r in rows):
+            chosen = [r for r in rows if (r["method"], r["batch"]) == (method, batch)]
+            means = {k: np.mean([r["online"][k] for r in chosen]) for k in METRICS}
+            images = sum(r["images"] for r in chosen)
+            rate = images / sum(r["images"] / r["images_per_s"] for r in chosen)
+            lines.append(row(f"{method} B={batch}", means, f"{rate:>8.0f}"))
         offline_rows = {r["stream"]: r["offline"] for r in rows if r["offline"]}
         for split in ("unlabeled", "test"):
             if offline_rows:
-                means = [np.mean([o[split][k] for o in offline_rows.values()]) for k in METRICS]
-                lines.append(
-                    f"{scenario:9}{'offline ueo':12}{split[:4]:>4}"
-                    + "".join(f"{fmt(v):>7}" for v in means)
-                )
-    return "\n".join(lines)
+                values = offline_rows.values()
+                means = {k: np.mean([o[split][k] for o in values]) for k in METRICS}
+                lines.append(row(f"offline ueo ({split})", means))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def segment_table(results: list[dict]) -> str:
-    """The continual stream's online metrics per domain segment."""
-    lines = [f"{'method':12}{'B':>4}  " + "".join(f"{'':2}{d:>18}" for d in ["domain: H"])]
-    for r in results:
-        if not r["continual"]:
-            continue
-        parts = "  ".join(f"{s['domain']} {fmt(s['metrics']['h'])}" for s in r["segments"])
-        lines.append(f"{r['method']:12}{r['batch']:>4}  {parts}")
+    """The continual stream's online H per domain segment."""
+    rows = [r for r in results if r["continual"]]
+    if not rows:
+        return ""
+    domains = [s["domain"] for s in rows[0]["segments"]]
+    lines = [
+        "continual stream, H per domain segment",
+        f"{'':24}" + "".join(f"{d:>9}" for d in domains),
+    ]
+    for r in rows:
+        values = "".join(f"{fmt(s['metrics']['h']):>9}" for s in r["segments"])
+        lines.append(f"{r['method'] + ' B=' + str(r['batch']):<24}{values}")
     return "\n".join(lines)
+
+
+def report(record: dict) -> str:
+    """stream_eval.md: the tables, the threshold's agreement and the speed."""
+    results = record["results"]
+    parts = [mean_table(results), segment_table(results), table(results)]
+    checked = [r["otsu"] for r in results]
+    batches = sum(o["batches"] for o in checked)
+    parts.append(
+        f"running threshold vs otsu_threshold over the same scores: equal at "
+        f"{sum(o['equal'] for o in checked)} of {batches} batches, largest gap "
+        f"{max(o['max_gap_bins'] for o in checked):.2f} bins, "
+        f"{sum(o['rows'] for o in checked)} of {sum(r['images'] for r in results)} rows "
+        "flagged otherwise"
+    )
+    speed = record["speed"]
+    if speed:
+        parts.append(
+            f"speed on {speed['images']} images ({speed['threads']} thread(s), load average "
+            f"{speed['load_average_1min'][0]:.1f} -> {speed['load_average_1min'][1]:.1f}): "
+            f"ueo predict {np.median(speed['predict_images_per_s']):.0f} images/s, online UEO "
+            f"B=64 {np.median(speed['stream_ueo_b64_images_per_s']):.0f} images/s (medians of "
+            f"{len(speed['predict_images_per_s'])}): ratio {speed['ratio_of_medians']:.2f}"
+        )
+    return "\n\n".join(p for p in parts if p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,8 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         "are too small to share between two threads of a loaded 2-core machine)",
     )
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite stream_eval.md from its .json"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.report_only:
+        record = json.loads((args.out / "stream_eval.json").read_text())
+        write_text(args.out / "stream_eval.md", report(record) + "\n")
+        print(report(record))
+        return 0
     start = time.perf_counter()
     suite = testbed_suite(build_testbed())
     found = streams(suite, args.out, args.domains.split(","), args.limit)
@@ -330,9 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         lists = [s.list_file for s in oda]
         record["speed"] = speed(lists, oda[0].known, args.out, args.speed_repeats)
     write_json(args.out / "stream_eval.json", record)
-    report = "\n\n".join([table(results), mean_table(results), segment_table(results)])
-    write_text(args.out / "stream_eval.md", report + "\n")
-    print(json.dumps(record) if args.json else report)
+    write_text(args.out / "stream_eval.md", report(record) + "\n")
+    print(json.dumps(record) if args.json else report(record))
     return 0
 
 

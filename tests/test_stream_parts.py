@@ -113,7 +113,7 @@ def test_running_otsu_is_otsu_over_every_score_so_far():
         assert abs(got - want) <= width + 1e-15  # at most one bin apart
         equal += got == want
         steps += 1
-    assert equal / steps > 0.9, equal / steps
+    assert equal >= steps - 2, (equal, steps)  # 23998 of 24000 on 200 such streams
 
 
 def test_running_otsu_is_exact_while_the_range_holds():
@@ -131,7 +131,7 @@ def test_running_otsu_is_exact_while_the_range_holds():
 def test_running_otsu_edge_cases_and_its_state_round_trip():
     otsu = RunningOtsu()
     assert math.isnan(otsu.threshold)
-    assert otsu.add(np.array([])) != otsu.add(np.array([]))  # NaN: nothing seen
+    assert math.isnan(otsu.add(np.array([])))  # nothing seen
     assert otsu.add(np.array([0.3, 0.3])) == 0.3 == otsu_threshold(np.array([0.3, 0.3]))
     rng = np.random.default_rng(2)
     otsu.add(narrow_scores(rng, 100))
