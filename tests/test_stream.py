@@ -5,6 +5,7 @@ adapter, the run folder's rules, bad input, the online metrics."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from ueo.cli import main
 from ueo.data import load_image_set
 from ueo.layout import ADAPTER_FILE, CHECKPOINT_FILE, METRICS_FILE
 from ueo.metrics import compute_metrics
+from ueo.objectives import mcm_score
 from ueo.recipe import Recipe, Runtime
 from ueo.stream.online import OnlineStream
 from ueo.stream.run import PREDICTIONS_FILE
@@ -189,6 +191,34 @@ def test_the_first_batch_of_every_method_is_zero_shot(place):
         assert same_rows(rows[0], zeroshot[0]), method  # nothing updated yet
         if method not in ("zeroshot", "upl"):  # upl keeps top-16 per class: none of 8 images
             assert not np.array_equal(rows[-1].mcm, zeroshot[-1].mcm), method  # it adapted
+
+
+@pytest.mark.parametrize("lr_norm", [0.05, 0.0])
+def test_ueo_weights_are_the_zero_shot_mcm_of_each_batch(place, monkeypatch, lr_norm):
+    """UEO's weights of every batch are its zero-shot MCM scores: from the second image-tower
+    pass with the zero-shot norm affines (norms tuned), or from the kept zero-shot text
+    features (norms frozen), though the model has moved."""
+    import ueo.stream.online as online
+
+    seen = []
+    ueo = online.get_method("ueo")
+
+    def recording(cos, labels, recipe):
+        seen.append(mcm_score(cos).numpy())
+        return ueo.fixed(cos, labels, recipe)
+
+    images, labels = images_of(place)
+    zeroshot = streamed("zeroshot", images, labels)
+    monkeypatch.setattr(
+        online, "get_method", lambda name: dataclasses.replace(ueo, fixed=recording)
+    )
+    recipe = Recipe(lr_prompt=0.05, lr_norm=lr_norm)
+    model = load_model("ueo-tiny-rn", "bundled", CLASSES, recipe)
+    with OnlineStream(model, StreamSettings("ueo", 8, recipe=recipe), RUNTIME) as stream:
+        rows = [stream.step(images[i : i + 8]) for i in range(0, len(images), 8)]
+    assert len(seen) == 4 and not np.array_equal(rows[-1].mcm, zeroshot[-1].mcm)
+    for weights, zero in zip(seen, zeroshot, strict=True):
+        assert weights == pytest.approx(zero.mcm, abs=1e-7)
 
 
 def test_episodic_reset_starts_every_batch_from_the_zero_shot_weights(place):
