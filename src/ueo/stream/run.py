@@ -7,8 +7,8 @@ records the engine's state, how many images were read, and the CSV's length then
 cuts the CSV back to that length and goes on from there, so the rows, the adapter and the
 online metrics are those of an uninterrupted stream. The images a checkpoint covers are read
 again on resume (without being decoded) and must be the same, checked by a chained sha256 of
-their paths, labels and domains. At the end, `adapter.safetensors` (the final state, usable by
-`predict`, `eval` and `export`) and `metrics.json` (throughput, latency, the online metrics)
+their paths, labels and domains. At the end, `adapter.safetensors` (the final state, an adapter
+as `ueo adapt` writes it) and `metrics.json` (throughput, latency, the online metrics)
 are written atomically and the checkpoint removed.
 """
 
@@ -209,9 +209,9 @@ def run_stream(
     """The stream of `data` through `model` (changed in place) into the folder `out`, whose
     rules `prepare_folder` has applied; returns metrics.json's record."""
     out = Path(out)
-    identity = stream_identity(model, settings, data, data_root, unlabeled)
+    identity = stream_identity(model, settings)
     with OnlineStream(model, settings, runtime) as engine:
-        run = StreamRun(engine, out, identity, runtime)
+        run = StreamRun(engine, out, identity, runtime, str(data))
         entries = stream_entries(
             data, model.class_names, data_root, unlabeled=unlabeled, stdin=stdin
         )
@@ -222,11 +222,11 @@ def run_stream(
         return run.finish()
 
 
-def stream_identity(
-    model: UeoModel, settings: StreamSettings, data: str, data_root: str | None, unlabeled: bool
-) -> dict:
-    """What a resumed stream must have been started with (the images aside: their digest),
-    as plain JSON (ueo.fingerprint.describe_changes names what differs by its option)."""
+def stream_identity(model: UeoModel, settings: StreamSettings) -> dict:
+    """What a resumed stream must have been started with, as plain JSON
+    (ueo.fingerprint.describe_changes names what differs by its option). The images are
+    checked apart, by the digest of those read (their paths, labels and domains), so that the
+    same list given another way (a relative path, standard input) resumes."""
     clip = model.clip
     recipe = asdict(settings.step_recipe)
     del recipe["method"]  # --method says it (TDA's recipe says zeroshot)
@@ -240,9 +240,6 @@ def stream_identity(
         "pretrained": clip.pretrained,
         "weights": weights_identity(clip.model_name, clip.pretrained),
         "class_names": list(model.class_names),
-        "--data": str(data),
-        "--data-root": data_root and str(data_root),
-        "--unlabeled": unlabeled,
     }
     return json.loads(json.dumps(identity))  # tuples as lists, as a checkpoint reads them
 
@@ -292,8 +289,11 @@ class StreamRun:
     """One stream's bookkeeping around the engine: the CSV, the checkpoints, the counts, the
     online metrics' columns, the timings."""
 
-    def __init__(self, engine: OnlineStream, out: Path, identity: dict, runtime: Runtime):
+    def __init__(
+        self, engine: OnlineStream, out: Path, identity: dict, runtime: Runtime, data: str
+    ):
         self.engine, self.out, self.identity, self.runtime = engine, out, identity, runtime
+        self.data = data
         self.bad = BadImages(runtime.on_bad_image)
         self.consumed = 0  # entries of the source done (readable or not)
         self.skipped = 0
@@ -378,14 +378,14 @@ class StreamRun:
                     )
                 digest = chain(digest, entry)
                 if row is not None and row[0] == entry.path:
-                    self._record([self.index[row[1]]], [float(row[3])], [entry.label], entry)
+                    pred, mcm = [self.index[row[1]]], [float(row[3])]
+                    self._record(pred, mcm, [entry.label], entry.domain)
                     self.flagged += row[4] == "True"
                     row = next(reader, None)
         return digest, row is None
 
-    def _record(self, pred, mcm, labels, entry_or_domain) -> None:
+    def _record(self, pred, mcm, labels, domain: str | None) -> None:
         """Rows' values for the online metrics (a segment starts where the domain changes)."""
-        domain = getattr(entry_or_domain, "domain", entry_or_domain)
         if not self.segments or self.segments[-1][0] != domain:
             self.segments.append([domain, self.rows])
         self.pred.extend(pred)
@@ -537,7 +537,7 @@ class StreamRun:
             "threshold_option": engine.settings.threshold,
             "tda": asdict(engine.settings.tda) if engine.settings.method == "tda" else None,
             "recipe": asdict(engine.recipe),
-            "data": self.identity["--data"],
+            "data": self.data,
             "images": rows,
             "batches": engine.batches,
             "skipped_images": self.skipped,
