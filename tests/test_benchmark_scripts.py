@@ -238,6 +238,36 @@ def test_discover_cost_measures_its_three_parts(tmp_path, capsys):
         assert record[key] > 0
 
 
+def test_stream_eval_streams_the_testbed_and_compares_with_predict(tmp_path, capsys):
+    """Two domains, 30 images a stream: every stream and method is scored online, the running
+    threshold replays to the flags written, the continual stream has a segment per domain,
+    and the speed comparison times predict and the stream."""
+    import stream_eval
+
+    argv = ["--out", str(tmp_path), "--demo", str(tmp_path / "no-demo"), "--limit", "30"]
+    argv += ["--domains", "blur,noise", "--methods", "zeroshot,ueo", "--batches", "8"]
+    try:
+        code = stream_eval.main([*argv, "--speed-repeats", "1", "--json"])
+    except UeoError as exc:
+        pytest.skip(f"testbed data not installed: {exc}")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results = record["results"]
+    assert code == 0 and len(results) == 5 * 2  # (2 domains x ODA, OPDA + continual) x 2
+    for r in results:
+        assert r["offline"] is None  # no demo run given
+        assert r["online"]["auroc"] is not None and r["images_per_s"] > 0
+        assert r["otsu"]["batches"] >= -(-r["images"] // 8)
+        assert r["otsu"]["equal"] == r["otsu"]["batches"] and r["otsu"]["rows"] == 0
+    continual = [r for r in results if r["continual"]]
+    assert [s["domain"] for s in continual[0]["segments"]] == ["blur", "noise"]
+    zeroshot = [r for r in results if r["method"] == "zeroshot"]
+    adapted = [r for r in results if r["method"] == "ueo"]
+    assert [z["online"] for z in zeroshot] != [a["online"] for a in adapted]
+    speed = record["speed"]
+    assert speed["images"] == 60 and speed["ratio_of_medians"] > 0
+    assert "offline" not in (tmp_path / "stream_eval.md").read_text()
+
+
 def test_scaling_runs_each_command_and_tables_its_growth(tmp_path):
     """benchmarks/scaling.py's pieces on 36 images: the tree, the DomainNet-shaped lists, a
     child of every command (in this process) and the table's growth column."""

@@ -27,10 +27,23 @@ from ueo.cli import (
     predict,
     prepare,
     protocol,
+    stream,
 )
 from ueo.errors import UeoError
 
-COMMANDS = (adapt, evaluate, predict, models, prepare, protocol, bench, discover, demo, diagnose)
+COMMANDS = (
+    adapt,
+    evaluate,
+    predict,
+    stream,
+    models,
+    prepare,
+    protocol,
+    bench,
+    discover,
+    demo,
+    diagnose,
+)
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
