@@ -55,7 +55,7 @@ from ueo.stream.online import OnlineStream
 from ueo.stream.reader import START, ReadBatch, Reader, chain
 from ueo.stream.settings import DEFAULT_CHECKPOINT_EVERY, StreamSettings
 from ueo.stream.source import Entry, stream_entries
-from ueo.training import _stop_on_signals
+from ueo.training import stop_on_signals
 
 log = logging.getLogger("ueo")
 
@@ -217,7 +217,7 @@ def run_stream(
         )
         if resume:
             run.restore(entries)
-        with _stop_on_signals(True) as stop:
+        with stop_on_signals(True) as stop:
             run.go(entries, stop, checkpoint_every)
         return run.finish()
 
