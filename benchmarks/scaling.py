@@ -115,15 +115,15 @@ def bench_lists(root: Path, images: Path) -> Path:
     return lists
 
 
-def make_adapter(cache: Path, classes: list[str]) -> Path:
-    """One adapter for predict, eval and discover: one epoch on 500 images."""
+def make_adapter(cache: Path, classes: list[str], n: int = 5000) -> Path:
+    """One adapter for predict, eval and discover: one epoch on every tenth of N images."""
     run = cache / "adapter"
     if (run / "adapter.safetensors").is_file():
         return run
     from ueo.jobs import adapt_job
     from ueo.recipe import Recipe, Runtime
 
-    images = build(cache, 5000, classes)
+    images = build(cache, n, classes)
     sample = cache / "adapter-images.txt"
     paths = sorted(images.rglob("*.png"))[::10]
     sample.write_text("".join(f"{p}\n" for p in paths))

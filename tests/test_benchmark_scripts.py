@@ -249,3 +249,83 @@ def test_export_speed_compares_the_runner_with_ueo_predict(tmp_path, capsys):
     assert row["pred_differ"] == 0 and row["unknown_differ"] == 0
     assert row["max_abs_prob"] <= 1e-4 and row["max_abs_mcm"] <= 1e-5
     assert row["open_clip_max_abs_cos"] <= 1e-5 and row["self_check"]["checked"]
+
+
+def test_stream_eval_streams_the_testbed_and_compares_with_predict(tmp_path, capsys):
+    """Two domains, 30 images a stream: every stream and method is scored online, the running
+    threshold replays to the flags written, the continual stream has a segment per domain,
+    and the speed comparison times predict and the stream."""
+    import stream_eval
+
+    argv = ["--out", str(tmp_path), "--demo", str(tmp_path / "no-demo"), "--limit", "30"]
+    argv += ["--domains", "blur,noise", "--methods", "zeroshot,ueo", "--batches", "8"]
+    try:
+        code = stream_eval.main([*argv, "--speed-repeats", "1", "--json"])
+    except UeoError as exc:
+        pytest.skip(f"testbed data not installed: {exc}")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results = record["results"]
+    assert code == 0 and len(results) == 5 * 2  # (2 domains x ODA, OPDA + continual) x 2
+    for r in results:
+        assert r["offline"] is None  # no demo run given
+        assert r["online"]["auroc"] is not None and r["images_per_s"] > 0
+        assert r["otsu"]["batches"] >= -(-r["images"] // 8)
+        assert r["otsu"]["equal"] == r["otsu"]["batches"] and r["otsu"]["rows"] == 0
+    continual = [r for r in results if r["continual"]]
+    assert [s["domain"] for s in continual[0]["segments"]] == ["blur", "noise"]
+    zeroshot = [r for r in results if r["method"] == "zeroshot"]
+    adapted = [r for r in results if r["method"] == "ueo"]
+    assert [z["online"] for z in zeroshot] != [a["online"] for a in adapted]
+    speed = record["speed"]
+    assert speed["images"] == 60 and speed["ratio_of_medians"] > 0
+    assert "offline" not in (tmp_path / "stream_eval.md").read_text()
+
+
+def test_scaling_runs_each_command_and_tables_its_growth(tmp_path):
+    """benchmarks/scaling.py's pieces on 36 images: the tree, the DomainNet-shaped lists, a
+    child of every command (in this process) and the table's growth column."""
+    import scaling
+
+    classes = scaling.known_classes()
+    images = scaling.build(tmp_path, 36, classes)
+    assert len(list(images.rglob("*.png"))) == 36 and (tmp_path / "n36" / "complete").is_file()
+    scaling.make_adapter(tmp_path, classes, n=36)
+    rows = [scaling.child(c, 36, tmp_path, tmp_path) for c in scaling.COMMANDS]
+    for row in rows:
+        assert row["images"] == 36 and row["total_s"] >= row["fixed_s"] >= 0, row
+        assert row["listing_s"] is not None and row["peak_rss_mb"] >= row["peak_private_mb"] > 0
+    lists = tmp_path / "n36" / "domainnet-lists"
+    listed = sum(len(p.read_text().splitlines()) for p in lists.glob("*_t*.txt"))
+    assert listed == 36 and len(list(lists.glob("*.txt"))) == 12
+    bigger = [{**r, "images": 72, "per_image_part_s": 4 * r["per_image_part_s"]} for r in rows]
+    table = scaling.table(rows + bigger)
+    assert table.count("| 2.00 |") == len(scaling.COMMANDS)  # twice the time per image
+
+
+def test_distributed_tolerance_compares_two_runs(tmp_path):
+    """The comparison of benchmarks/distributed_tolerance.py: a run against itself and
+    against a run whose tensor moved."""
+    import shutil
+
+    import distributed_tolerance
+    import numpy as np
+    from conftest import untrained_run
+    from safetensors.numpy import load_file, save_file
+
+    run = untrained_run(tmp_path)["adapter"]
+    same = distributed_tolerance.compare(run, run)
+    assert same == {
+        "max_abs": 0.0,
+        "max_rel": 0.0,
+        "metrics_equal": True,
+        "max_metric_diff": 0.0,
+        "threshold_diff": 0.0,
+    }
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    tensors = load_file(str(moved / "adapter.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + np.float32(1e-3)
+    save_file(tensors, str(moved / "adapter.safetensors"))
+    assert distributed_tolerance.compare(run, moved)["max_abs"] == pytest.approx(1e-3, rel=1e-3)
+    assert len(list(distributed_tolerance.make_images(tmp_path / "img").rglob("*.png"))) == 64

@@ -78,6 +78,8 @@ def mistakes(t: Path) -> dict[str, list[str]]:
     bench = ["bench", "--data", images, "--all-classes", str(t / "classes.txt"), "--known", "1"]
     bench += ["--out", str(t / "sweep")]
     predict = ["predict", "--adapter", afile, "--data", images, "--out", str(t / "p.csv")]
+    stream = ["stream", "--model", "RN50", "--classes", "a,b", "--data", images]
+    stream += ["--out", str(t / "stream")]
     return {
         "adapt --epochs -1": adapt + ["--epochs", "-1"],
         "adapt --lr-prompt nan": adapt + ["--lr-prompt", "nan"],
@@ -89,6 +91,12 @@ def mistakes(t: Path) -> dict[str, list[str]]:
         "eval --adapter missing": ["eval", "--adapter", str(t / "nowhere"), "--data", images],
         "predict --threshold 2": predict + ["--threshold", "2"],
         "predict --out folder/": predict + ["--out", str(t / "folder") + "/"],
+        "stream --batch-size 0": stream + ["--batch-size", "0"],
+        "stream --threshold 2": stream + ["--threshold", "2"],
+        "stream --checkpoint-every -1": stream + ["--checkpoint-every", "-1"],
+        "stream --resume --overwrite": stream + ["--resume", "--overwrite"],
+        "stream --data missing": stream + ["--data", str(t / "nowhere")],
+        "stream --lr-norm inf": stream + ["--lr-norm", "inf"],
         "bench --known 5 alone": ["bench", "--known", "5", "--out", str(t / "sweep")],
         "bench --known 5": bench + ["--known", "5"],
         "bench --shard 2/2": bench + ["--shard", "2/2"],
@@ -121,6 +129,7 @@ def unwritable_outs(t: Path) -> dict[str, list[str]]:
         "adapt": ["adapt", "--model", "RN50", "--data", images, "--classes", "a,b"],
         "eval": ["eval", "--zeroshot", "--model", "RN50", "--classes", "a,b", "--data", images],
         "predict": ["predict", "--adapter", afile, "--data", images],
+        "stream": ["stream", "--model", "RN50", "--classes", "a,b", "--data", images],
         "discover": ["discover", "--adapter", afile, "--data", images],
         "export": ["export", "--adapter", afile],
         "bench": ["bench", "--data", images, "--all-classes", "a,b", "--known", "1"],
@@ -271,6 +280,8 @@ def closed_output_argv(s: dict) -> dict[str, list[str]]:
         + ["--out", str(t / "p.csv"), *fast],
         "export": ["export", "--adapter", str(s["adapter"]), "--out", str(t / "export")]
         + ["--overwrite", "--quiet"],
+        "stream": ["stream", *tiny, "--data", s["data"], "--classes", s["classes"]]
+        + ["--out", str(t / "stream-run"), "--overwrite", "--quiet", "--device", "cpu"],
         "models": ["models"],
         "prepare": ["prepare", "office31", "--root", str(t / "office31"), "--domains", "dslr"]
         + ["--out", str(t / "lists")],

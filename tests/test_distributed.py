@@ -200,18 +200,23 @@ def single_run(cli_folder, tmp_path_factory):
     return out
 
 
-def test_torchrun_adapt_writes_the_single_process_run(cli_folder, single_run, tmp_path):
-    out = tmp_path / "run"
-    proc = torchrun(2, *adapt_argv(cli_folder, out, *TRAIN))
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
-    assert stdout.count("adapted unlabeled") == 1  # the table, printed once, by process 0
+def assert_the_single_process_run(out: Path, single_run: Path) -> None:
+    """A run of two processes: the tensors of one process's run to 1e-6, the same metrics."""
     one, two = tensors(single_run), tensors(out)
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=0, msg=k)
     a = json.loads((single_run / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     assert b["adapted"] == a["adapted"] and b["processes"] == 2
+
+
+def test_torchrun_adapt_writes_the_single_process_run(cli_folder, single_run, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(2, *adapt_argv(cli_folder, out, *TRAIN))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert stdout.count("adapted unlabeled") == 1  # the table, printed once, by process 0
+    assert_the_single_process_run(out, single_run)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single_run.iterdir())
 
 
@@ -237,12 +242,7 @@ def test_two_machines_run_once_as_one_process(cli_folder, single_run, tmp_path):
     for p, (_, stderr) in zip(launchers, outputs, strict=True):
         assert p.returncode == 0, stderr
     assert sum(o.count("adapted unlabeled") for o, _ in outputs) == 1  # process 0's table
-    one, two = tensors(single_run), tensors(out)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=0, msg=k)
-    a = json.loads((single_run / "metrics.json").read_text())
-    b = json.loads((out / "metrics.json").read_text())
-    assert b["adapted"] == a["adapted"] and b["processes"] == 2
+    assert_the_single_process_run(out, single_run)
 
 
 def test_a_killed_process_ends_the_run_and_resume_finishes_it(cli_folder, single_run, tmp_path):

@@ -35,6 +35,7 @@ from ueo.files import write_json
 from ueo.fingerprint import images_digest, weights_identity
 from ueo.layout import ADAPTER_FILE, CHECKPOINT_FILE, METRICS_FILE
 from ueo.logs import captured_log
+from ueo.model import UeoModel
 from ueo.names import OOD, normalize_name, parse_classes
 from ueo.provenance import environment
 from ueo.recipe import Recipe, Runtime
@@ -278,12 +279,9 @@ def predict_job(
     if threshold is None:
         raise UeoError("The adapter stores no threshold; pass --threshold.")
     clock = Clock()
-    with clock("listing"):
-        image_set = load_image_set(
-            images, meta["class_names"], data_root, unlabeled=unlabeled, progress=runtime.progress
-        )
-    with clock("model"):
-        net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    image_set, net, meta = _images_and_adapted(
+        images, adapter, meta, runtime, pretrained, data_root, unlabeled, clock
+    )
     with clock("predict"):
         rows = predict(net, image_set, threshold, runtime, precision=meta["recipe"]["precision"])
     if world.main:
@@ -339,12 +337,9 @@ def discover_job(
     vocab = load_vocabulary(vocabulary)
     candidates = without_known(vocab, meta["class_names"])
     clock = Clock()
-    with clock("listing"):
-        images = load_image_set(
-            data, meta["class_names"], data_root, unlabeled=unlabeled, progress=runtime.progress
-        )
-    with clock("model"):
-        net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    images, net, meta = _images_and_adapted(
+        data, adapter, meta, runtime, pretrained, data_root, unlabeled, clock
+    )
     used = meta["threshold"] if threshold is None else threshold
     with clock("discover"):
         found = discover(
@@ -382,6 +377,28 @@ def discover_job(
     write_discovery(staging, found, record)
     publish(staging, out)
     return found, record
+
+
+def _images_and_adapted(
+    data: str,
+    adapter: str | os.PathLike,
+    meta: dict,
+    runtime: Runtime,
+    pretrained: str | None,
+    data_root: str | None,
+    unlabeled: bool,
+    clock: Clock,
+) -> tuple[ImageSet, UeoModel, dict]:
+    """The image set of `data` (under the adapter's class names) and the adapted model, each
+    timed (`listing`, `model`): what predict and discover start with."""
+    with clock("listing"):
+        names = meta["class_names"]
+        images = load_image_set(
+            data, names, data_root, unlabeled=unlabeled, progress=runtime.progress
+        )
+    with clock("model"):
+        net, meta = load_adapted(adapter, runtime.device, pretrained, runtime.channels_last)
+    return images, net, meta
 
 
 def _in_world(runtime: Runtime) -> tuple[World, Runtime]:

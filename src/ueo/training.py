@@ -307,7 +307,7 @@ class Trainer:
     def stopping_on_signals(self) -> Iterator[None]:
         """SIGINT/SIGTERM ask the run to checkpoint and stop after the current step (a second
         one stops at once), while the run writes checkpoints."""
-        with _stop_on_signals(self.checkpoint.path is not None) as self.stop:
+        with stop_on_signals(self.checkpoint.path is not None) as self.stop:
             yield
 
     def train_epoch(self, epoch: int) -> None:
@@ -447,7 +447,7 @@ class Trainer:
 
 
 @contextmanager
-def _stop_on_signals(enabled: bool) -> Iterator[dict]:
+def stop_on_signals(enabled: bool) -> Iterator[dict]:
     """SIGINT/SIGTERM set the flag the loop reads after each step; a second signal stops at
     once. Only the main thread can install handlers."""
     flag: dict = {"signal": None}

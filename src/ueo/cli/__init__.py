@@ -28,6 +28,7 @@ from ueo.cli import (
     predict,
     prepare,
     protocol,
+    stream,
 )
 from ueo.errors import UeoError
 
@@ -36,6 +37,7 @@ COMMANDS = (
     evaluate,
     predict,
     export,
+    stream,
     models,
     prepare,
     protocol,
