@@ -368,6 +368,27 @@ def test_export_json_records_every_file_and_the_source(exported):
     assert "python -m ueo.deploy" in readme and "local-dir:open_clip" in readme
 
 
+def test_the_exports_readme_runs(exported, images, monkeypatch):
+    """The README's ONNX and open_clip snippets, run in the export folder as written, give the
+    graph's answers and ueo's cosines for an image."""
+    import re
+
+    one = exported["ueo-tiny-rn"]
+    path = readable(images)[0]
+    monkeypatch.chdir(one["out"])
+    blocks = re.findall(r"```python\n(.*?)```", (one["out"] / "README.md").read_text(), re.S)
+    assert len(blocks) == 2
+    names = {"pixels": pixels(open_rgb(path), 32)[None], "img": open_rgb(path)}
+    with torch.no_grad():
+        for block in blocks:
+            exec(block, names)
+    model, _ = load_adapted(one["run"], "cpu")
+    want = infer(model, ImageSet([path], np.full(1, UNLABELED)), RUNTIME).cos
+    assert names["names"] == model.class_names
+    assert np.abs(names["cos"].numpy() - want).max() <= 1e-5
+    assert names["pred"][0] == want.argmax()
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

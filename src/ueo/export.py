@@ -446,16 +446,18 @@ python -m ueo.deploy . IMAGES --out predictions.csv  # a folder, a list, - or on
 
 ## 2. `{MODEL_FILE}` in any ONNX runtime
 ```python
-import onnxruntime, numpy as np                 # pixels: N x 3 x {size} x {size} uint8 RGB,
+import json, onnxruntime                         # pixels: N x 3 x {size} x {size} uint8 RGB,
 s = onnxruntime.InferenceSession("{MODEL_FILE}")  # shorter side resized to {size} (bicubic),
 probs, mcm, pred, is_unknown = s.run(None, {{"{INPUT}": pixels}})  # then a centre crop
-names = s.get_modelmeta().custom_metadata_map  # class_names, threshold, mean/std, resize
+meta = {{k: json.loads(v) for k, v in s.get_modelmeta().custom_metadata_map.items()}}
+names = meta["class_names"]  # also threshold, input_size, mean, std, resize, ...
 ```
 
 ## 3. Plain open_clip (torch, open_clip; no ueo)
 ```python
 import open_clip, torch, safetensors.torch as st
 model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{OPEN_CLIP_DIR}")
+model.eval()  # BatchNorm's running statistics, as ueo's frozen model uses them
 head = st.load_file("{OPEN_CLIP_DIR}/{HEAD_FILE}")["{HEAD_TENSOR}"]  # K x D, L2-normalised
 cos = torch.nn.functional.normalize(model.encode_image(preprocess(img)[None]), dim=-1) @ head.T
 # or: open_clip.add_model_config("{OPEN_CLIP_DIR}/{name}.json"), then create_model_and_transforms(
