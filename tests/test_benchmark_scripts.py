@@ -16,6 +16,7 @@ import batch_finish  # noqa: E402
 import diagnostics_check  # noqa: E402
 import diagnostics_cost  # noqa: E402
 import epoch_speed  # noqa: E402
+import export_speed  # noqa: E402
 import frozen_norm  # noqa: E402
 import gpu_table  # noqa: E402
 import step_speed  # noqa: E402
@@ -236,6 +237,18 @@ def test_discover_cost_measures_its_three_parts(tmp_path, capsys):
     assert record["names"] == 30 and record["images"] == 200 and 2 <= record["k"] <= 15
     for key in ("encode_s", "cached_read_s", "image_pass_s", "groups_s"):
         assert record[key] > 0
+
+
+def test_export_speed_compares_the_runner_with_ueo_predict(tmp_path, capsys):
+    """The export benchmark on its own generated folder (a tiny model adapted here): every
+    image answered alike by `ueo predict` and `python -m ueo.deploy`, and by plain open_clip."""
+    argv = ["--models", "ueo-tiny-rn", "--own", "14", "--no-speed", "--json"]
+    assert export_speed.main([*argv, "--work", str(tmp_path)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["case"] == "own/ueo-tiny-rn" and row["images"] == 16 and row["rows"] == 14
+    assert row["pred_differ"] == 0 and row["unknown_differ"] == 0
+    assert row["max_abs_prob"] <= 1e-4 and row["max_abs_mcm"] <= 1e-5
+    assert row["open_clip_max_abs_cos"] <= 1e-5 and row["self_check"]["checked"]
 
 
 def test_stream_eval_streams_the_testbed_and_compares_with_predict(tmp_path, capsys):

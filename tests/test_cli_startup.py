@@ -114,6 +114,11 @@ def mistakes(t: Path) -> dict[str, list[str]]:
         + ["--out", str(t / "found"), "--clusters", "0"],
         "discover --vocabulary missing": ["discover", "--adapter", afile, "--data", images]
         + ["--out", str(t / "found"), "--vocabulary", str(t / "nowhere.txt")],
+        "export --precision fp64": ["export", "--adapter", afile, "--out", str(t / "e")]
+        + ["--precision", "fp64"],
+        "export --out exists": ["export", "--adapter", afile, "--out", str(t / "images")],
+        "export --adapter missing": ["export", "--adapter", str(t / "nowhere")]
+        + ["--out", str(t / "e")],
     }
 
 
@@ -126,6 +131,7 @@ def unwritable_outs(t: Path) -> dict[str, list[str]]:
         "predict": ["predict", "--adapter", afile, "--data", images],
         "stream": ["stream", "--model", "RN50", "--classes", "a,b", "--data", images],
         "discover": ["discover", "--adapter", afile, "--data", images],
+        "export": ["export", "--adapter", afile],
         "bench": ["bench", "--data", images, "--all-classes", "a,b", "--known", "1"],
         "prepare": ["prepare", "office31", "--root", str(t)],
         "demo": ["demo"],
@@ -272,6 +278,8 @@ def closed_output_argv(s: dict) -> dict[str, list[str]]:
         "eval": ["eval", "--adapter", str(s["adapter"]), "--data", s["data"], *fast],
         "predict": ["predict", "--adapter", str(s["adapter"]), "--data", s["data"]]
         + ["--out", str(t / "p.csv"), *fast],
+        "export": ["export", "--adapter", str(s["adapter"]), "--out", str(t / "export")]
+        + ["--overwrite", "--quiet"],
         "stream": ["stream", *tiny, "--data", s["data"], "--classes", s["classes"]]
         + ["--out", str(t / "stream-run"), "--overwrite", "--quiet", "--device", "cpu"],
         "models": ["models"],
