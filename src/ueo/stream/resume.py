@@ -33,8 +33,8 @@ log = logging.getLogger("ueo")
 def write_checkpoint(
     path: Path, identity: dict, engine: OnlineStream, history: History, start: float
 ) -> None:
-    """The checkpoint of a stream whose CSV is on disk, its session having begun at `start`
-    (`time.perf_counter`)."""
+    """Write the checkpoint of a stream whose CSV is on disk, its session having begun at
+    `start` (`time.perf_counter`): what `restore` puts back."""
     tensors, engine_state = engine.state()
     arrays, meta = history.state(start)
     tensors.update({f"timing/{k}": torch.from_numpy(v) for k, v in arrays.items()})

@@ -41,10 +41,9 @@ Update = Callable[[], None]
 def adapting(
     method: Method | None, tda: TdaSettings, zero_shot: ZeroShot, device: torch.device
 ) -> Iterator[Updater]:
-    """The model as a stream holds it for the block: its frozen weights in the recipe's
+    """Hold the model as a stream adapts it, for the block: its frozen weights in the recipe's
     precision (`ueo.model.frozen_weights_in`), the zero-shot text features taken with them,
-    and the tensors `method` trains tuned; yields the kind of update `method` (None: TDA)
-    gets."""
+    the tensors `method` trains tuned; yields the kind of update `method` (None: TDA) gets."""
     model, recipe = zero_shot.model, zero_shot.recipe
     with frozen_weights_in(model, DTYPES[recipe.precision]), ExitStack() as stack:
         zero_shot.encode_text(device)

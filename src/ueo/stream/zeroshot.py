@@ -34,8 +34,8 @@ class ZeroShot:
         self.pristine = True  # the tuned tensors are the zero-shot ones
 
     def encode_text(self, device: torch.device) -> None:
-        """The zero-shot prompt's text features, with the frozen weights as the stream holds
-        them (`ueo.model.frozen_weights_in`), so that they are the prediction's."""
+        """Keep the zero-shot prompt's text features, computed with the frozen weights as the
+        stream holds them (`ueo.model.frozen_weights_in`), so that they are the prediction's."""
         size = self.model.clip.image_size
         with torch.no_grad():
             empty = torch.empty((0, 3, size, size), device=device)
