@@ -6,7 +6,7 @@ where the domain column changes: a batch never spans two domains); the unreadabl
 them are passed on as messages, to be counted. A standard input that pauses pauses the reading,
 and what has arrived is answered once its batch is full, or the input ends. Each batch carries
 the chained sha256 of the entries read up to its last one, which a checkpoint records and a
-resume checks (ueo.stream.run).
+resume checks (ueo.stream.resume).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ records the engine's state, how many images were read, and the CSV's length then
 cuts the CSV back to that length and goes on from there, so the rows, the adapter and the
 online metrics are those of an uninterrupted stream. The images a checkpoint covers are read
 again on resume (without being decoded) and must be the same, checked by a chained sha256 of
-their paths, labels and domains. At the end, `adapter.safetensors` (the final state, an adapter
-as `ueo adapt` writes it) and `metrics.json` (throughput, latency, the online metrics)
-are written atomically and the checkpoint removed.
+their paths, labels and domains (ueo.stream.resume). At the end, `adapter.safetensors` (the
+final state, an adapter as `ueo adapt` writes it) and `metrics.json` (throughput, latency, the
+online metrics: what the stream's `History` recorded) are written atomically and the
+checkpoint removed.
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ueo import __version__
 from ueo.adaptation import AdaptResult
 from ueo.api import load_model
-from ueo.checkpoint import Interrupted, check_identity, load_checkpoint, save_checkpoint
+from ueo.checkpoint import Interrupted
 from ueo.checks import check_data, check_int, check_output_dir, check_resume_overwrite
 from ueo.clip import check_model
 from ueo.errors import UeoError
@@ -43,16 +42,17 @@ from ueo.launch import launch_from_env
 from ueo.layout import ADAPTER_FILE, CHECKPOINT_FILE, LOG_FILE, METRICS_FILE
 from ueo.loader import BadImages
 from ueo.logs import captured_log, logged_to
-from ueo.metrics import compute_metrics
 from ueo.model import UeoModel
-from ueo.names import UNLABELED, parse_classes
+from ueo.names import parse_classes
 from ueo.predictions import PREDICTION_FIELDS, Predictions
 from ueo.provenance import environment
 from ueo.recipe import Runtime
 from ueo.runs import build_adapter_metadata, save_adapter
 from ueo.runtime import checked_runtime
+from ueo.stream.history import History
 from ueo.stream.online import OnlineStream
-from ueo.stream.reader import START, ReadBatch, Reader, chain
+from ueo.stream.reader import ReadBatch, Reader
+from ueo.stream.resume import restore, write_checkpoint
 from ueo.stream.settings import DEFAULT_CHECKPOINT_EVERY, StreamSettings
 from ueo.stream.source import Entry, stream_entries
 from ueo.training import stop_on_signals
@@ -211,15 +211,18 @@ def run_stream(
     out = Path(out)
     identity = stream_identity(model, settings)
     with OnlineStream(model, settings, runtime) as engine:
-        run = StreamRun(engine, out, identity, runtime, str(data))
         entries = stream_entries(
             data, model.class_names, data_root, unlabeled=unlabeled, stdin=stdin
         )
-        if resume:
-            run.restore(entries)
+        history = (
+            restore(out / CHECKPOINT_FILE, out / PREDICTIONS_FILE, identity, engine, entries)
+            if resume
+            else History()
+        )
+        run = StreamRun(engine, out, identity, runtime, history)
         with stop_on_signals(True) as stop:
             run.go(entries, stop, checkpoint_every)
-        return run.finish()
+        return finish(engine, history, out, str(data))
 
 
 def stream_identity(model: UeoModel, settings: StreamSettings) -> dict:
@@ -244,163 +247,29 @@ def stream_identity(model: UeoModel, settings: StreamSettings) -> dict:
     return json.loads(json.dumps(identity))  # tuples as lists, as a checkpoint reads them
 
 
-class Column:
-    """A growing array of numbers (amortised O(1) appends): one value per row, no object."""
-
-    def __init__(self, dtype):
-        self.data = np.zeros(1024, dtype=dtype)
-        self.n = 0
-
-    def extend(self, values) -> None:
-        values = np.asarray(values, dtype=self.data.dtype)
-        while self.n + len(values) > len(self.data):
-            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
-        self.data[self.n : self.n + len(values)] = values
-        self.n += len(values)
-
-    @property
-    def values(self) -> np.ndarray:
-        return self.data[: self.n]
-
-
-class Durations:
-    """Quantiles of many durations at a fixed cost: a histogram of 400 bins per decade from
-    1 microsecond to 10^4 s (a quantile is its bin's geometric middle, within 0.3%)."""
-
-    PER_DECADE, LOW, DECADES = 400, -6, 10
-
-    def __init__(self, counts: np.ndarray | None = None):
-        size = self.PER_DECADE * self.DECADES
-        self.counts = np.zeros(size, np.int64) if counts is None else counts.astype(np.int64)
-
-    def add(self, seconds: float) -> None:
-        at = math.floor((math.log10(max(seconds, 1e-12)) - self.LOW) * self.PER_DECADE)
-        self.counts[min(max(at, 0), len(self.counts) - 1)] += 1
-
-    def quantile(self, q: float) -> float | None:
-        total = int(self.counts.sum())
-        if not total:
-            return None
-        at = int(np.searchsorted(np.cumsum(self.counts), q * total, side="left"))
-        return 10 ** (self.LOW + (at + 0.5) / self.PER_DECADE)
-
-
 class StreamRun:
-    """One stream's bookkeeping around the engine: the CSV, the checkpoints, the counts, the
-    online metrics' columns, the timings."""
+    """A stream going into its run folder: each batch's rows appended to the CSV and flushed
+    before the engine updates on it, its history kept, a checkpoint when one is due or a
+    signal stops it."""
 
     def __init__(
-        self, engine: OnlineStream, out: Path, identity: dict, runtime: Runtime, data: str
+        self, engine: OnlineStream, out: Path, identity: dict, runtime: Runtime, history: History
     ):
         self.engine, self.out, self.identity, self.runtime = engine, out, identity, runtime
-        self.data = data
+        self.history = history
         self.bad = BadImages(runtime.on_bad_image)
-        self.consumed = 0  # entries of the source done (readable or not)
-        self.skipped = 0
-        self.digest = START
-        self.elapsed = 0.0  # seconds of the stream before this session
-        self.sessions = 1
-        self.latency = Durations()  # last entry of a batch read -> its rows flushed
-        self.step_time = Durations()  # a batch's rows -> its update done
-        self.index = {name: i for i, name in enumerate(engine.model.class_names)}
-        self.pred, self.mcm = Column(np.int32), Column(np.float64)
-        self.label = Column(np.int64)
-        self.segments: list[list] = []  # [domain, first row], one per run of one domain
-        self.flagged = 0  # rows flagged unknown when they were made
-        self.csv_bytes = 0
 
     @property
     def csv_path(self) -> Path:
         return self.out / PREDICTIONS_FILE
 
-    @property
-    def rows(self) -> int:
-        return self.pred.n
-
-    # --- resuming ----------------------------------------------------------------------------
-
-    def restore(self, entries: Iterator[Entry]) -> None:
-        """Put the run back at its checkpoint: the engine, the counts, the CSV cut back to
-        the rows it covers, and the online columns rebuilt from those rows and the entries
-        read again (which must be the ones the checkpoint read)."""
-        path = self.out / CHECKPOINT_FILE
-        tensors, meta = load_checkpoint(path)
-        check_identity(path, meta.get("identity", {}), self.identity)
-        self.engine.load(tensors, meta["engine"])
-        self.consumed, self.skipped = meta["consumed"], meta["skipped"]
-        self.elapsed, self.sessions = meta["elapsed_s"], meta["sessions"] + 1
-        self.latency = Durations(tensors["timing/latency"].numpy())
-        self.step_time = Durations(tensors["timing/step"].numpy())
-        self.engine.clock.seconds = dict(meta["timings_s"])
-        self.csv_bytes = meta["csv_bytes"]
-        size = self.csv_path.stat().st_size if self.csv_path.is_file() else 0
-        if size < self.csv_bytes:
-            raise UeoError(
-                f"{self.csv_path} is shorter than its checkpoint says ({size} < "
-                f"{self.csv_bytes} bytes): start over with --overwrite."
-            )
-        os.truncate(self.csv_path, self.csv_bytes)
-        digest, matched = self._replay(entries)
-        if digest.hex() != meta["digest"]:
-            raise UeoError(
-                f"The first {self.consumed} images of --data are not those the interrupted "
-                "stream read: resume with the same --data (on standard input, the same list)."
-            )
-        if not matched or self.rows != meta["rows"]:
-            raise UeoError(
-                f"{self.csv_path} does not hold the rows its checkpoint covers: start over "
-                "with --overwrite."
-            )
-        self.digest = digest
-        log.info(
-            "resuming from %s after %d images (%d rows, batch %d)",
-            path,
-            self.consumed,
-            meta["rows"],
-            self.engine.batches,
-        )
-
-    def _replay(self, entries: Iterator[Entry]) -> tuple[bytes, bool]:
-        """Read the entries the checkpoint covers again (not decoding them), matching each
-        row of the cut CSV to its entry for the online columns; their digest, and whether
-        every row found its entry."""
-        digest = START
-        with open(self.csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            next(reader, None)  # the header
-            row = next(reader, None)
-            for k in range(self.consumed):
-                entry = next(entries, None)
-                if entry is None:
-                    raise UeoError(
-                        f"--data ends after {k} images, before the {self.consumed} the "
-                        "checkpoint covers: resume with the same --data."
-                    )
-                digest = chain(digest, entry)
-                if row is not None and row[0] == entry.path:
-                    pred, mcm = [self.index[row[1]]], [float(row[3])]
-                    self._record(pred, mcm, [entry.label], entry.domain)
-                    self.flagged += row[4] == "True"
-                    row = next(reader, None)
-        return digest, row is None
-
-    def _record(self, pred, mcm, labels, domain: str | None) -> None:
-        """Rows' values for the online metrics (a segment starts where the domain changes)."""
-        if not self.segments or self.segments[-1][0] != domain:
-            self.segments.append([domain, self.rows])
-        self.pred.extend(pred)
-        self.mcm.extend(mcm)
-        self.label.extend(labels)
-
-    # --- the stream --------------------------------------------------------------------------
-
     def go(self, entries: Iterator[Entry], stop: dict, checkpoint_every: int) -> None:
         """Every batch: its rows, flushed; the update; a checkpoint when due. A signal stops
         the stream after the current batch (or while it waits for images) with a checkpoint."""
-        engine = self.engine
+        engine, history = self.engine, self.history
         start = time.perf_counter()
-        reader = Reader(entries, engine.settings.batch_size, engine.split, self.digest)
-        new = not self.csv_path.is_file() or self.csv_bytes == 0
+        reader = Reader(entries, engine.settings.batch_size, engine.split, history.digest)
+        new = not self.csv_path.is_file() or history.csv_bytes == 0
         progress = self.runtime.progress
         try:
             with (
@@ -411,7 +280,7 @@ class StreamRun:
                 if new:
                     writer.writerow(CSV_FIELDS)
                     f.flush()
-                    self.csv_bytes = f.tell()
+                    history.csv_bytes = f.tell()
                 last = engine.batches
                 while (batch := reader.get(stop)) is not None:
                     if isinstance(batch, BaseException):
@@ -431,151 +300,123 @@ class StreamRun:
                 os.fsync(f.fileno())
         finally:
             reader.close()
-        self.elapsed += time.perf_counter() - start
+        history.elapsed += time.perf_counter() - start
 
     def _batch(self, batch: ReadBatch, writer, f) -> None:
         """One batch: count its unreadable images; predict, write and flush its rows; update."""
+        history = self.history
         for message in batch.bad:
-            self.bad.report(self.consumed, message)
-        self.skipped += len(batch.bad)
+            self.bad.report(history.consumed, message)
+        history.skipped += len(batch.bad)
         if batch.pixels is not None:
             engine = self.engine
             rows = engine.predict(batch.pixels, batch.paths, batch.labels, batch.domain)
             self._write(rows, writer, engine.batches)
             f.flush()
             flushed = time.perf_counter()
-            self.latency.add(flushed - batch.read_at)
+            history.latency.add(flushed - batch.read_at)
             engine.update()
-            self.step_time.add(time.perf_counter() - flushed)
-            self.flagged += int(rows.is_unknown.sum())
-            self._record(rows.pred, rows.mcm, batch.labels, batch.domain)
-        self.consumed += batch.entries
-        self.digest = batch.digest
-        self.csv_bytes = f.tell()
+            history.step_time.add(time.perf_counter() - flushed)
+            flagged = int(rows.is_unknown.sum())
+            history.add(rows.pred, rows.mcm, batch.labels, batch.domain, flagged)
+        history.consumed += batch.entries
+        history.digest = batch.digest
+        history.csv_bytes = f.tell()
 
     @staticmethod
     def _write(rows: Predictions, writer, number: int) -> None:
         writer.writerows([*(row[k] for k in PREDICTION_FIELDS), number] for row in rows)
 
     def checkpoint(self, f, start: float) -> None:
-        """The engine's state and the stream's position, after the CSV is on disk."""
+        """The engine's state and the stream's history, after the CSV is on disk."""
         f.flush()
         os.fsync(f.fileno())
-        tensors, engine = self.engine.state()
-        tensors["timing/latency"] = torch.from_numpy(self.latency.counts)
-        tensors["timing/step"] = torch.from_numpy(self.step_time.counts)
-        meta = {
-            "identity": self.identity,
-            "engine": engine,
-            "consumed": self.consumed,
-            "rows": self.rows,
-            "skipped": self.skipped,
-            "digest": self.digest.hex(),
-            "csv_bytes": self.csv_bytes,
-            "elapsed_s": self.elapsed + time.perf_counter() - start,
-            "sessions": self.sessions,
-            "timings_s": self.engine.clock.seconds,
-        }
-        save_checkpoint(self.out / CHECKPOINT_FILE, tensors, meta)
+        write_checkpoint(
+            self.out / CHECKPOINT_FILE, self.identity, self.engine, self.history, start
+        )
 
     def interrupted(self, signum: int) -> Interrupted:
         """The exception that ends a stream a signal stopped, its checkpoint written."""
         name = signal.Signals(signum).name
-        where = f"after {self.consumed} images (batch {self.engine.batches})"
+        where = f"after {self.history.consumed} images (batch {self.engine.batches})"
         log.warning("%s: checkpoint written %s; resume with --resume", name, where)
         return Interrupted(f"interrupted by {name}; checkpoint {where}, resume with --resume")
 
-    # --- the end -----------------------------------------------------------------------------
 
-    def finish(self) -> dict:
-        """The adapter of the final state and metrics.json; the checkpoint goes."""
-        engine = self.engine
-        if self.consumed == 0:
-            raise UeoError("The stream held no image: nothing was predicted.")
-        if self.rows == 0:
-            raise UeoError(
-                f"None of the {self.consumed} images of the stream could be read; nothing was "
-                "predicted."
-            )
-        recipe = engine.recipe
-        threshold = engine.threshold
-        metadata = build_adapter_metadata(
-            engine.model, AdaptResult(metrics={}, threshold=threshold, recipe=recipe)
+# --- the end -------------------------------------------------------------------------------
+
+
+def finish(engine: OnlineStream, history: History, out: Path, data: str) -> dict:
+    """Write the adapter of the engine's final state and metrics.json into `out`, and remove
+    the checkpoint; returns metrics.json's record."""
+    if history.consumed == 0:
+        raise UeoError("The stream held no image: nothing was predicted.")
+    if history.rows == 0:
+        raise UeoError(
+            f"None of the {history.consumed} images of the stream could be read; nothing was "
+            "predicted."
         )
-        if engine.settings.threshold is None:
-            metadata["threshold_rule"] = THRESHOLD_RULE
-        else:
-            metadata["threshold_rule"] = "fixed (--threshold)"
-        metadata["stream"] = {"method": engine.settings.method, "reset": engine.settings.reset}
-        tuned = engine.model.adapter_state(recipe.norm_layers)
-        save_adapter(self.out / ADAPTER_FILE, tuned, metadata)
-        record = self.record()
-        write_json(self.out / METRICS_FILE, record)
-        (self.out / CHECKPOINT_FILE).unlink(missing_ok=True)
-        log.info(
-            "%d images in %d batches, %.1f images/s -> %s",
-            self.rows,
-            engine.batches,
-            record["images_per_s"],
-            self.out,
-        )
-        return record
+    recipe = engine.recipe
+    threshold = engine.threshold
+    metadata = build_adapter_metadata(
+        engine.model, AdaptResult(metrics={}, threshold=threshold, recipe=recipe)
+    )
+    if engine.settings.threshold is None:
+        metadata["threshold_rule"] = THRESHOLD_RULE
+    else:
+        metadata["threshold_rule"] = "fixed (--threshold)"
+    metadata["stream"] = {"method": engine.settings.method, "reset": engine.settings.reset}
+    tuned = engine.model.adapter_state(recipe.norm_layers)
+    save_adapter(out / ADAPTER_FILE, tuned, metadata)
+    record = stream_record(engine, history, data)
+    write_json(out / METRICS_FILE, record)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    log.info(
+        "%d images in %d batches, %.1f images/s -> %s",
+        history.rows,
+        engine.batches,
+        record["images_per_s"],
+        out,
+    )
+    return record
 
-    def record(self) -> dict:
-        """metrics.json: what the stream did, how fast, and how well (online, when labelled)."""
-        engine = self.engine
-        clip = engine.model.clip
-        rows = self.rows
-        return {
-            "ueo_version": __version__,
-            "model": clip.model_name,
-            "pretrained": clip.pretrained,
-            "num_classes": engine.model.prompt.num_classes,
-            "method": engine.settings.method,
-            "batch_size": engine.settings.batch_size,
-            "reset": engine.settings.reset,
-            "threshold_option": engine.settings.threshold,
-            "tda": asdict(engine.settings.tda) if engine.settings.method == "tda" else None,
-            "recipe": asdict(engine.recipe),
-            "data": self.data,
-            "images": rows,
-            "batches": engine.batches,
-            "skipped_images": self.skipped,
-            "skipped_steps": engine.skipped_steps,
-            "unknown": self.flagged,
-            "threshold": engine.threshold,
-            "threshold_rule": THRESHOLD_RULE if engine.settings.threshold is None else "fixed",
-            "wall_time_s": round(self.elapsed, 3),
-            "images_per_s": rows / self.elapsed if self.elapsed > 0 else None,
-            "latency_s": {
-                "median": self.latency.quantile(0.5),
-                "p95": self.latency.quantile(0.95),
-            },
-            "update_s": {
-                "median": self.step_time.quantile(0.5),
-                "p95": self.step_time.quantile(0.95),
-            },
-            "timings_s": {k: round(v, 3) for k, v in engine.clock.seconds.items()},
-            "sessions": self.sessions,
-            "online": self.online(),
-            "environment": environment(str(engine.device), engine.recipe.precision),
-        }
 
-    def online(self) -> dict | None:
-        """ACC, AUROC, FPR95, H (and counts) of the rows as they were made, over the whole
-        stream and each run of one domain; None when the images carry no labels."""
-        labels = self.label.values
-        if not self.rows or (labels == UNLABELED).any():
-            return None
-        pred, mcm = self.pred.values, self.mcm.values
-        ends = [start for _, start in self.segments[1:]] + [self.rows]
-        segments = [
-            {
-                "domain": domain,
-                "first_row": start,
-                "rows": end - start,
-                "metrics": compute_metrics(pred[start:end], mcm[start:end], labels[start:end]),
-            }
-            for (domain, start), end in zip(self.segments, ends, strict=True)
-        ]
-        return {"all": compute_metrics(pred, mcm, labels), "segments": segments}
+def stream_record(engine: OnlineStream, history: History, data: str) -> dict:
+    """metrics.json: what the stream did, how fast, and how well (online, when labelled)."""
+    settings = engine.settings
+    clip = engine.model.clip
+    rows, elapsed = history.rows, history.elapsed
+    return {
+        "ueo_version": __version__,
+        "model": clip.model_name,
+        "pretrained": clip.pretrained,
+        "num_classes": engine.model.prompt.num_classes,
+        "method": settings.method,
+        "batch_size": settings.batch_size,
+        "reset": settings.reset,
+        "threshold_option": settings.threshold,
+        "tda": asdict(settings.tda) if settings.method == "tda" else None,
+        "recipe": asdict(engine.recipe),
+        "data": data,
+        "images": rows,
+        "batches": engine.batches,
+        "skipped_images": history.skipped,
+        "skipped_steps": engine.skipped_steps,
+        "unknown": history.flagged,
+        "threshold": engine.threshold,
+        "threshold_rule": THRESHOLD_RULE if settings.threshold is None else "fixed",
+        "wall_time_s": round(elapsed, 3),
+        "images_per_s": rows / elapsed if elapsed > 0 else None,
+        "latency_s": {
+            "median": history.latency.quantile(0.5),
+            "p95": history.latency.quantile(0.95),
+        },
+        "update_s": {
+            "median": history.step_time.quantile(0.5),
+            "p95": history.step_time.quantile(0.95),
+        },
+        "timings_s": {k: round(v, 3) for k, v in engine.clock.seconds.items()},
+        "sessions": history.sessions,
+        "online": history.online(),
+        "environment": environment(str(engine.device), engine.recipe.precision),
+    }

@@ -40,7 +40,7 @@ class Entry:
     domain: str | None = None
 
     def key(self) -> bytes:
-        """What a resumed stream must find again at this place (ueo.stream.run)."""
+        """What a resumed stream must find again at this place (ueo.stream.resume)."""
         return f"{os.path.abspath(self.path)}\t{self.label}\t{self.domain}\n".encode()
 
 
