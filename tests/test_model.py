@@ -239,3 +239,14 @@ def test_training_step_loss_uses_logit_scale_100(batch, method):
     loss = training_step(model, batch, {"weight": weights}, optimizer, get_method(method), recipe)
     assert float(loss) == pytest.approx(float(expected), abs=1e-5)
     assert abs(float(expected) - float(ueo_loss(cos, weights))) > 1e-3  # the scale matters
+
+
+def test_a_model_built_with_another_prompt_than_the_recipes_is_refused():
+    """adapt() and the stream both rely on `UeoModel.check_prompt`: the prompt is built with the
+    model, so a recipe that describes another one is a mistake, said in one line."""
+    model = load_calibrated("test-tiny-rn")  # built with the default context, 'a photo of a'
+    model.check_prompt(Recipe())
+    with pytest.raises(UeoError, match="the recipe's \\(ctx_init 'a picture of a'"):
+        model.check_prompt(Recipe(ctx_init="a picture of a"))
+    with pytest.raises(UeoError, match="n_ctx 7"):
+        model.check_prompt(Recipe(n_ctx=7))

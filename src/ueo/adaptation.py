@@ -277,15 +277,7 @@ def _check_inputs(model: UeoModel, unlabeled: ImageSet, recipe: Recipe, method: 
         raise UeoError("The unlabeled set is empty.")
     if method.needs_labels and not unlabeled.labelled:
         raise UeoError(f"Method {method.name} uses labels; the unlabeled data carries none.")
-    prompt = model.prompt
-    if prompt.ctx_init != recipe.ctx_init.strip() or (
-        recipe.n_ctx is not None and recipe.n_ctx != prompt.n_ctx
-    ):
-        raise UeoError(
-            f"The model's prompt (ctx_init {prompt.ctx_init!r}, {prompt.n_ctx} tokens) is not "
-            f"the recipe's (ctx_init {recipe.ctx_init!r}, n_ctx {recipe.n_ctx}); build the model "
-            "with the recipe: load_model(..., recipe=recipe)."
-        )
+    model.check_prompt(recipe)
 
 
 def _unreadable(bad_images: BadImages) -> int:

@@ -84,6 +84,19 @@ class UeoModel(nn.Module):
     def class_names(self) -> list[str]:
         return self.prompt.class_names
 
+    def check_prompt(self, recipe: Recipe) -> None:
+        """The prompt must be the one `recipe` describes: it is built with the model (and an
+        adapter rebuilds it from its recipe), not by adapt()."""
+        prompt = self.prompt
+        if prompt.ctx_init != recipe.ctx_init.strip() or (
+            recipe.n_ctx is not None and recipe.n_ctx != prompt.n_ctx
+        ):
+            raise UeoError(
+                f"The model's prompt (ctx_init {prompt.ctx_init!r}, {prompt.n_ctx} tokens) is not "
+                f"the recipe's (ctx_init {recipe.ctx_init!r}, n_ctx {recipe.n_ctx}); build the "
+                "model with the recipe: load_model(..., recipe=recipe)."
+            )
+
     def norm_parameters(self, which: str = "reference") -> dict[str, nn.Parameter]:
         return norm_parameters(self.net, which)
 

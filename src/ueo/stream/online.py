@@ -25,7 +25,6 @@ from PIL import Image
 
 from ueo.cache import split_transform
 from ueo.data import MemoryImages
-from ueo.errors import UeoError
 from ueo.methods import get_method
 from ueo.model import UeoModel
 from ueo.predictions import Predictions
@@ -53,7 +52,7 @@ class OnlineStream:
         self.runtime = checked_runtime(runtime, recipe.precision)
         self.device = resolve_device(self.runtime.device)
         self.model = model.to(self.device)
-        _check_prompt(model, recipe)
+        model.check_prompt(recipe)
         self.method = None if self.settings.method == TDA else get_method(recipe.method)
         self.split = split_transform(model.clip.test_transform())
         self.answers = Answers(model.class_names, self.settings.threshold)
@@ -157,16 +156,3 @@ class OnlineStream:
         self.updater.load(tensors, meta)
         self.answers.load(tensors, meta)
         self.batches, self.domain = meta["batches"], meta["domain"]
-
-
-def _check_prompt(model: UeoModel, recipe) -> None:
-    """The model's prompt must be the recipe's (the adapter rebuilds it from the recipe)."""
-    prompt = model.prompt
-    if prompt.ctx_init != recipe.ctx_init.strip() or (
-        recipe.n_ctx is not None and recipe.n_ctx != prompt.n_ctx
-    ):
-        raise UeoError(
-            f"The model's prompt (ctx_init {prompt.ctx_init!r}, {prompt.n_ctx} tokens) is not "
-            f"the recipe's (ctx_init {recipe.ctx_init!r}, n_ctx {recipe.n_ctx}); build the model "
-            "with the recipe: load_model(..., recipe=recipe)."
-        )
