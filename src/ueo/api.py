@@ -21,7 +21,6 @@ from ueo.errors import UeoError
 from ueo.inference import infer, metrics_of
 from ueo.loader import BadImages
 from ueo.model import UeoModel
-from ueo.objectives import LOGIT_SCALE
 from ueo.predictions import Predictions
 from ueo.recipe import Recipe, Runtime
 from ueo.runs import load_adapter, save_run
@@ -139,19 +138,9 @@ def predict(
     bad = BadImages(runtime.on_bad_image)
     out = infer(model, images, runtime, precision=precision, bad=bad, desc="predict")
     _require_readable(out, images)
-    logits = LOGIT_SCALE * out.cos
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
     rows = np.flatnonzero(out.valid)
-    pred = out.pred[rows]
-    return Predictions(
-        images.paths,
-        rows,
-        model.class_names,
-        pred,
-        probs[rows, pred],
-        out.score[rows],
-        float(threshold),
+    return Predictions.from_cosines(
+        images.paths, rows, model.class_names, out.cos[rows], out.score[rows], threshold
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ueo.files import atomic_write
+from ueo.objectives import LOGIT_SCALE
 
 PREDICTION_FIELDS = ("path", "pred", "prob", "mcm", "is_unknown")
 CSV_CHUNK = 65536  # rows turned into Python values at a time
@@ -38,6 +39,26 @@ class Predictions(Sequence):
     prob: np.ndarray
     mcm: np.ndarray
     threshold: float
+
+    @classmethod
+    def from_cosines(
+        cls,
+        paths: Sequence[str],
+        rows: np.ndarray,
+        class_names: Sequence[str],
+        cos: np.ndarray,
+        mcm: np.ndarray,
+        threshold: float,
+    ) -> Predictions:
+        """The rows of the readable images `rows` of `paths`, from their cosines (`cos`,
+        len(rows) x K, float32) and MCM scores: the predicted class is the argmax, its
+        probability the softmax of 100 * cos, computed in float32."""
+        pred = cos.argmax(axis=1)
+        logits = LOGIT_SCALE * cos
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        prob = probs[np.arange(len(cos)), pred]
+        return cls(paths, rows, class_names, pred, prob, mcm, float(threshold))
 
     @property
     def is_unknown(self) -> np.ndarray:

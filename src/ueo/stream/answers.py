@@ -14,7 +14,7 @@ import torch
 
 from ueo.checkpoint import under_prefix
 from ueo.errors import UeoError
-from ueo.objectives import LOGIT_SCALE, mcm_score
+from ueo.objectives import mcm_score
 from ueo.predictions import Predictions
 from ueo.stream.threshold import RunningOtsu
 
@@ -36,18 +36,12 @@ class Answers:
                 f"The model gives non-finite scores at batch {number}: the stream diverged "
                 "(lower the learning rates)."
             )
-        pred = cos.argmax(axis=1)
-        logits = LOGIT_SCALE * cos
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
         mcm = mcm_score(torch.from_numpy(cos)).numpy()
         threshold = self.fixed
         if threshold is None:
             threshold = self.otsu.add(mcm)
         rows = np.arange(len(cos))
-        return Predictions(
-            list(names), rows, self.class_names, pred, probs[rows, pred], mcm, threshold
-        )
+        return Predictions.from_cosines(list(names), rows, self.class_names, cos, mcm, threshold)
 
     @property
     def threshold(self) -> float:
